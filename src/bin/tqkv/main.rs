@@ -1,0 +1,29 @@
+//! The `tqkv` command line.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tqkv",
+    version,
+    about = "TurboQuant KV-cache compression: evaluate, round-trip, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure what the codec does to KV activations (not yet implemented).
+    Eval,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Eval => {
+            eprintln!("tqkv eval: not yet implemented (the codec library is ready; see README.md)");
+        }
+    }
+}
