@@ -570,7 +570,12 @@ fn keys_and_values_use_their_own_bit_widths() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7471_6b76),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn quantize_in_pieces_equals_quantize_at_once(
@@ -591,9 +596,12 @@ proptest! {
         prop_assert_eq!(whole, parts);
     }
 
+    /// Per-vector relative error stays within 32 D_b (the mean is ≈ D_b; the worst of 20,000
+    /// Gaussian vectors measured 20 D_b at 5 bits, d = 64, from coordinates beyond the outermost
+    /// centroid).
     #[test]
-    fn dequantized_vectors_keep_their_norm_and_direction(
-        bits_i in 2usize..6, d_log in 5u32..11, seed in any::<u64>(), scale in 1e-3f32..1e3,
+    fn dequantized_vectors_stay_within_a_small_multiple_of_the_distortion(
+        bits_i in 0usize..6, d_log in 5u32..11, seed in any::<u64>(), scale in 1e-3f32..1e3,
     ) {
         let (bits, d) = (BITS[bits_i], 1usize << d_log);
         let layout = CacheLayout::new(1, d, 1, bits, bits).unwrap().with_seed(seed);
@@ -604,10 +612,9 @@ proptest! {
         cpu::quantize(&c, Side::Keys, Src::F32(&x), 1, 0, &mut p, &mut nrm).unwrap();
         let mut y = vec![0f32; d];
         cpu::dequantize_pos(&c, Side::Keys, &p, &nrm, 0, Domain::Original, Dst::F32(&mut y)).unwrap();
-        let dot: f64 = x.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let nx: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        let ny: f64 = y.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        prop_assert!(dot / (nx * ny) > 0.98, "cosine {}", dot / (nx * ny));
-        prop_assert!((ny / nx - 1.0).abs() < 0.05, "norm ratio {}", ny / nx);
+        let err: f64 = x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let norm2: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+        let d_b = tqkv::codebook::gaussian_distortion(tqkv::codebook::centroids_f64(bits).unwrap());
+        prop_assert!(err / norm2 < 32.0 * d_b, "relative error {} vs D_b {}", err / norm2, d_b);
     }
 }
