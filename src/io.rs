@@ -85,12 +85,6 @@ impl KvTensor {
         }
         Ok(())
     }
-
-    /// The `head_dim` values of (token, head).
-    pub fn vector(&self, token: usize, head: usize) -> &[f32] {
-        let start = (token * self.heads + head) * self.head_dim;
-        &self.data[start..start + self.head_dim]
-    }
 }
 
 /// The K, V and optional Q tensors of one layer.
@@ -169,6 +163,14 @@ pub fn parse<'a>(bytes: &'a [u8], source: &str) -> Result<SafeTensors<'a>> {
         .map_err(|e| TqError::Format(format!("{source}: not a valid safetensors file ({e})")))
 }
 
+/// The tensors of a file in natural name order (`layer.2.k` before `layer.10.k`), so that
+/// whatever reports on them does so in a stable order.
+pub fn tensors_in_order<'a>(st: &SafeTensors<'a>) -> Vec<(String, TensorView<'a>)> {
+    let mut tensors = st.tensors();
+    tensors.sort_by_cached_key(|(name, _)| natural_key(name));
+    tensors
+}
+
 /// Every layer of a safetensors buffer, in natural name order (`layer.2` before `layer.10`).
 /// Tensors with other names are ignored; a layer with Q but not both K and V is an error, and so
 /// is a buffer without any K/V pair.
@@ -176,11 +178,11 @@ pub fn read_kv_layers(bytes: &[u8], source: &str) -> Result<Vec<KvLayer>> {
     let st = parse(bytes, source)?;
     type Parts = (Option<KvTensor>, Option<KvTensor>, Option<KvTensor>);
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
-    for (name, view) in st.iter() {
-        let Some((prefix, role)) = kv_role(name) else {
+    for (name, view) in tensors_in_order(&st) {
+        let Some((prefix, role)) = kv_role(&name) else {
             continue;
         };
-        let t = KvTensor::from_view(name, &view)?;
+        let t = KvTensor::from_view(&name, &view)?;
         let entry = parts.entry(prefix.to_string()).or_default();
         match role {
             'q' => entry.0 = Some(t),

@@ -288,6 +288,54 @@ fn attend_layer(layer: &KvLayer, k: &[f32], v: &[f32]) -> Vec<HeadOutput> {
     }
 }
 
+/// What one layer (or a sum of layers) measures under one bit setting.
+#[derive(Debug, Clone, Copy, Default)]
+struct Measure {
+    bytes_per_token: usize,
+    f16_bytes_per_token: usize,
+    k: ErrAcc,
+    v: ErrAcc,
+    attn: AttnAcc,
+}
+
+impl Measure {
+    fn merge(self, o: Self) -> Self {
+        Self {
+            bytes_per_token: self.bytes_per_token + o.bytes_per_token,
+            f16_bytes_per_token: self.f16_bytes_per_token + o.f16_bytes_per_token,
+            k: self.k.merge(o.k),
+            v: self.v.merge(o.v),
+            attn: self.attn.merge(o.attn),
+        }
+    }
+}
+
+/// Round-trips a layer's K and V at `bits` and compares them, and the attention over them
+/// (against `exact`), with the originals.
+fn measure_layer(
+    layer: &KvLayer,
+    exact: &[HeadOutput],
+    bits: Bits,
+    args: &EvalArgs,
+) -> Result<Measure> {
+    let layout = layout_for(&layer.k, bits, args.seed, args.capacity)?;
+    let kh = roundtrip(&layer.k, Side::Keys, layout)?;
+    let vh = roundtrip(&layer.v, Side::Values, layout)?;
+    let d = layer.k.head_dim.max(1);
+    let approx = attend_layer(layer, &kh, &vh);
+    Ok(Measure {
+        bytes_per_token: layout.bytes_per_token(),
+        f16_bytes_per_token: 2 * 2 * layer.k.heads * layer.k.head_dim,
+        k: ErrAcc::of(&layer.k.data, &kh, d),
+        v: ErrAcc::of(&layer.v.data, &vh, d),
+        attn: exact
+            .iter()
+            .zip(&approx)
+            .map(|(e, a)| AttnAcc::of(e, a, d))
+            .fold(AttnAcc::default(), AttnAcc::merge),
+    })
+}
+
 fn evaluate(ds: &Dataset, args: &EvalArgs, progress: &ProgressBar) -> Result<Vec<Row>> {
     let exact: Vec<Vec<HeadOutput>> = ds
         .layers
@@ -301,58 +349,25 @@ fn evaluate(ds: &Dataset, args: &EvalArgs, progress: &ProgressBar) -> Result<Vec
     let has_q = ds.layers.iter().all(|l| l.q.is_some());
     let mut rows = Vec::with_capacity(args.bits.len());
     for &bits in &args.bits {
-        type Parts = (ErrAcc, ErrAcc, AttnAcc, usize, usize);
-        let parts: Vec<Parts> = ds
+        let layers: Vec<Measure> = ds
             .layers
             .par_iter()
             .zip(&exact)
-            .map(|(layer, exact)| -> Result<Parts> {
-                let layout = layout_for(&layer.k, bits, args.seed, args.capacity)?;
-                let kh = roundtrip(&layer.k, Side::Keys, layout)?;
-                let vh = roundtrip(&layer.v, Side::Values, layout)?;
-                let d = layer.k.head_dim.max(1);
-                let approx = attend_layer(layer, &kh, &vh);
-                let attn = exact
-                    .iter()
-                    .zip(&approx)
-                    .map(|(e, a)| AttnAcc::of(e, a, d))
-                    .fold(AttnAcc::default(), AttnAcc::merge);
+            .map(|(layer, exact)| {
+                let m = measure_layer(layer, exact, bits, args);
                 progress.inc(1);
-                Ok((
-                    ErrAcc::of(&layer.k.data, &kh, d),
-                    ErrAcc::of(&layer.v.data, &vh, d),
-                    attn,
-                    layout.bytes_per_token(),
-                    4 * layer.k.heads * layer.k.head_dim,
-                ))
+                m
             })
             .collect::<Result<_>>()?;
-        let (k, v, attn, bpt, f16) = parts.into_iter().fold(
-            (
-                ErrAcc::default(),
-                ErrAcc::default(),
-                AttnAcc::default(),
-                0,
-                0,
-            ),
-            |acc, p| {
-                (
-                    acc.0.merge(p.0),
-                    acc.1.merge(p.1),
-                    acc.2.merge(p.2),
-                    acc.3 + p.3,
-                    acc.4 + p.4,
-                )
-            },
-        );
+        let total = layers.into_iter().fold(Measure::default(), Measure::merge);
         rows.push(Row {
             dataset: ds.name.clone(),
             bits,
-            bytes_per_token: bpt,
-            f16_bytes_per_token: f16,
-            k,
-            v,
-            attn: (has_q && attn.n > 0).then_some(attn),
+            bytes_per_token: total.bytes_per_token,
+            f16_bytes_per_token: total.f16_bytes_per_token,
+            k: total.k,
+            v: total.v,
+            attn: (has_q && total.attn.n > 0).then_some(total.attn),
         });
     }
     Ok(rows)

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, TensorView, View};
 use safetensors::SafeTensors;
 
 use crate::kvio::{layout_for, parse_bits, roundtrip, write_atomic, Bits};
-use tqkv::io::{kv_role, parse, KvTensor};
+use tqkv::io::{kv_role, parse, tensors_in_order, KvTensor};
 use tqkv::layout::DEFAULT_SEED;
 use tqkv::{Result, Side, TqError};
 
@@ -89,8 +89,9 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
         k: args.k_bits,
         v: args.v_bits,
     };
-    let tensors: Vec<(String, OutTensor<'_>)> = st
-        .tensors()
+    // Every tensor is converted before the first error (in name order) is reported, so the
+    // error does not depend on thread timing.
+    let converted: Vec<Result<(String, OutTensor<'_>)>> = tensors_in_order(&st)
         .into_par_iter()
         .map(|(name, view)| {
             let side = match kv_role(&name) {
@@ -105,7 +106,8 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
             let bytes = out.iter().flat_map(|x| x.to_le_bytes()).collect();
             Ok((name, OutTensor::F32 { shape, bytes }))
         })
-        .collect::<Result<_>>()?;
+        .collect();
+    let tensors = converted.into_iter().collect::<Result<Vec<_>>>()?;
     let n_kv = tensors
         .iter()
         .filter(|(_, t)| matches!(t, OutTensor::F32 { .. }))
