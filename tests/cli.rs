@@ -820,6 +820,37 @@ fn inconsistent_layer_shapes_are_an_error_in_eval() {
         &tqkv(dir.path(), &["eval", "--input", "kv.st"]),
         "differs from k",
     );
+    write_st(
+        &dir.path().join("qt.st"),
+        &[
+            f32_t("q", &[7, 2, 32], &gauss(3, &[7, 2, 32])),
+            f32_t("k", &[8, 1, 32], &gauss(1, &[8, 1, 32])),
+            f32_t("v", &[8, 1, 32], &gauss(2, &[8, 1, 32])),
+        ],
+        None,
+    );
+    assert_error(
+        &tqkv(dir.path(), &["eval", "--input", "qt.st"]),
+        "q: tokens (7) and head_dim (32) must match k (8, 32)",
+    );
+}
+
+#[test]
+fn layer_without_values_is_an_error_in_eval() {
+    let dir = tempdir();
+    write_st(
+        &dir.path().join("k.st"),
+        &[
+            f32_t("layer.0.k", &[8, 1, 32], &gauss(1, &[8, 1, 32])),
+            f32_t("layer.0.v", &[8, 1, 32], &gauss(2, &[8, 1, 32])),
+            f32_t("layer.1.k", &[8, 1, 32], &gauss(3, &[8, 1, 32])),
+        ],
+        None,
+    );
+    assert_error(
+        &tqkv(dir.path(), &["eval", "--input", "k.st"]),
+        "layer `layer.1` needs both a `.k` and a `.v` tensor",
+    );
 }
 
 #[test]

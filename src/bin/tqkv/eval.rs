@@ -346,7 +346,6 @@ fn evaluate(ds: &Dataset, args: &EvalArgs, progress: &ProgressBar) -> Result<Vec
             r
         })
         .collect();
-    let has_q = ds.layers.iter().all(|l| l.q.is_some());
     let mut rows = Vec::with_capacity(args.bits.len());
     for &bits in &args.bits {
         let layers: Vec<Measure> = ds
@@ -367,7 +366,7 @@ fn evaluate(ds: &Dataset, args: &EvalArgs, progress: &ProgressBar) -> Result<Vec
             f16_bytes_per_token: total.f16_bytes_per_token,
             k: total.k,
             v: total.v,
-            attn: (has_q && total.attn.n > 0).then_some(total.attn),
+            attn: (total.attn.n > 0).then_some(total.attn),
         });
     }
     Ok(rows)
