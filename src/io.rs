@@ -247,6 +247,42 @@ mod tests {
         assert_eq!(kv_role(".k"), None);
     }
 
+    fn view_of<'a>(dtype: Dtype, shape: &[usize], bytes: &'a [u8]) -> TensorView<'a> {
+        TensorView::new(dtype, shape.to_vec(), bytes).unwrap()
+    }
+
+    #[test]
+    fn from_view_widens_f16_and_bf16_exactly() {
+        let vals = [1.5f32, -0.333_251_95, 65504.0, 0.0];
+        let h: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect();
+        let b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let th = KvTensor::from_view("k", &view_of(Dtype::F16, &[1, 2, 2], &h)).unwrap();
+        let tb = KvTensor::from_view("k", &view_of(Dtype::BF16, &[2, 1, 2], &b)).unwrap();
+        let want_h: Vec<f32> = vals.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        let want_b: Vec<f32> = vals.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(
+            (th.tokens, th.heads, th.head_dim, th.data),
+            (1, 2, 2, want_h)
+        );
+        assert_eq!(
+            (tb.tokens, tb.heads, tb.head_dim, tb.data),
+            (2, 1, 2, want_b)
+        );
+    }
+
+    #[test]
+    fn from_view_rejects_other_ranks_and_dtypes() {
+        let bytes = [0u8; 16];
+        assert!(KvTensor::from_view("k", &view_of(Dtype::F32, &[2, 2], &bytes)).is_err());
+        assert!(KvTensor::from_view("k", &view_of(Dtype::I32, &[1, 2, 2], &bytes)).is_err());
+    }
+
     #[test]
     fn natural_key_orders_numbers_by_value() {
         let mut names = vec!["layer.10", "layer.2", "layer.1", "a"];

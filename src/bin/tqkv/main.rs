@@ -9,7 +9,7 @@ mod roundtrip;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +58,14 @@ fn clap_exit(e: clap::Error) -> ExitCode {
         e.exit();
     }
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        eprintln!("error: a subcommand is required: eval or roundtrip (see --help)");
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        eprintln!(
+            "error: a subcommand is required: {} (see --help)",
+            names.join(", ")
+        );
         return ExitCode::from(EXIT_ERROR);
     }
     let rendered = e.render().to_string();
