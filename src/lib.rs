@@ -19,6 +19,7 @@ pub mod codec;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod io;
 pub mod layout;
 pub mod pack;
 pub mod rotation;

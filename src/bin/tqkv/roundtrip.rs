@@ -1,0 +1,145 @@
+//! `tqkv roundtrip`: quantize → dequantize (original domain) of every K/V tensor of a
+//! safetensors file, so external harnesses can measure the codec on their own model.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use clap::Args;
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, TensorView, View};
+use safetensors::SafeTensors;
+
+use crate::kvio::{layout_for, parse_bits, roundtrip, write_atomic, Bits};
+use tqkv::io::{kv_role, parse, tensors_in_order, KvTensor};
+use tqkv::layout::DEFAULT_SEED;
+use tqkv::{Result, Side, TqError};
+
+#[derive(Args, Debug)]
+pub struct RoundtripArgs {
+    /// Bits per key index: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, value_name = "KB", value_parser = parse_bits)]
+    pub k_bits: u32,
+    /// Bits per value index: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, value_name = "VB", value_parser = parse_bits)]
+    pub v_bits: u32,
+    /// Rotation seed.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Cache slots per head (default: each tensor's token count); longer tensors are an error.
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<usize>,
+    /// safetensors file; tensors named `k`, `v`, `*.k`, `*.v` are [tokens, heads, head_dim]
+    /// f32/f16/bf16.
+    #[arg(long, value_name = "IN")]
+    pub input: PathBuf,
+    /// Written atomically: K/V tensors as f32, every other tensor and the metadata copied.
+    #[arg(long, value_name = "OUT")]
+    pub output: PathBuf,
+}
+
+/// A tensor of the output file: copied from the input, or a round-tripped K/V tensor.
+enum OutTensor<'a> {
+    Copied(TensorView<'a>),
+    F32 { shape: Vec<usize>, bytes: Vec<u8> },
+}
+
+impl View for &OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            OutTensor::Copied(t) => t.dtype(),
+            OutTensor::F32 { .. } => Dtype::F32,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            OutTensor::Copied(t) => t.shape(),
+            OutTensor::F32 { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            OutTensor::Copied(t) => Cow::Borrowed(t.data()),
+            OutTensor::F32 { bytes, .. } => Cow::Borrowed(bytes),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            OutTensor::Copied(t) => t.data().len(),
+            OutTensor::F32 { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
+pub fn run(args: RoundtripArgs) -> Result<()> {
+    let shown = args.input.display().to_string();
+    let bytes = std::fs::read(&args.input).map_err(|source| TqError::Io {
+        context: format!("cannot read {shown}"),
+        source,
+    })?;
+    let st = parse(&bytes, &shown)?;
+    let metadata = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TqError::Format(format!("{shown}: not a valid safetensors file ({e})")))?
+        .1
+        .metadata()
+        .clone();
+    let bits = Bits {
+        k: args.k_bits,
+        v: args.v_bits,
+    };
+    // Every tensor is converted before the first error (in name order) is reported, so the
+    // error does not depend on thread timing.
+    let converted: Vec<Result<(String, OutTensor<'_>)>> = tensors_in_order(&st)
+        .into_par_iter()
+        .map(|(name, view)| {
+            let side = match kv_role(&name) {
+                Some((_, 'k')) => Side::Keys,
+                Some((_, 'v')) => Side::Values,
+                _ => return Ok((name, OutTensor::Copied(view))),
+            };
+            let t = KvTensor::from_view(&name, &view)?;
+            let layout = layout_for(&t, bits, args.seed, args.capacity)?;
+            let out = roundtrip(&t, side, layout)?;
+            let shape = view.shape().to_vec();
+            let bytes = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Ok((name, OutTensor::F32 { shape, bytes }))
+        })
+        .collect();
+    let tensors = converted.into_iter().collect::<Result<Vec<_>>>()?;
+    let n_kv = tensors
+        .iter()
+        .filter(|(_, t)| matches!(t, OutTensor::F32 { .. }))
+        .count();
+    if n_kv == 0 {
+        return Err(TqError::InvalidArgument(format!(
+            "{shown}: no K/V tensor (names `k`, `v`, `*.k` or `*.v`)"
+        )));
+    }
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(
+        "tqkv_roundtrip".into(),
+        format!(
+            "tqkv {} roundtrip: k_bits={} v_bits={} seed={}; K/V tensors dequantized to f32",
+            env!("CARGO_PKG_VERSION"),
+            bits.k,
+            bits.v,
+            args.seed
+        ),
+    );
+    let out_bytes = safetensors::serialize(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        &Some(metadata),
+    )
+    .map_err(|e| TqError::Format(format!("cannot serialize the output: {e}")))?;
+    let out_shown = args.output.display().to_string();
+    write_atomic(&args.output, &out_bytes)?;
+    println!(
+        "{out_shown}: {n_kv} K/V tensors round-tripped at {}/{} bits (f32), {} copied",
+        bits.k,
+        bits.v,
+        tensors.len() - n_kv
+    );
+    Ok(())
+}
