@@ -25,7 +25,8 @@
 // chosen so that each thread reads contiguous bytes of a packed row (see kdim / vdim below).
 //
 // Defines: K_BITS, V_BITS (2,3,4,5,6,8), HEAD_DIM (64..512, power of two), GQA (1..8 query heads
-// per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block).
+// per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
+// STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
@@ -45,6 +46,9 @@
 #endif
 #ifndef WARPS
 #define WARPS 4
+#endif
+#ifndef STAGES
+#define STAGES 4
 #endif
 
 typedef unsigned char u8;
@@ -87,7 +91,6 @@ constexpr int D_BLK = D < 256 ? D : 256; // coordinates per norm block
 constexpr int NB = D / D_BLK;            // norms per position
 constexpr int KB = D_BLK / 16;           // score mma k-chunks per norm block
 constexpr int NTB = D_BLK / 8;           // PV mma n-tiles per norm block
-constexpr int NT = D / 8;                // PV mma n-tiles
 constexpr int THREADS = WARPS * 32;
 constexpr int TILE = 16;                 // tokens per warp tile
 
@@ -131,9 +134,25 @@ constexpr bool SHARED_TAB = K_BITS == V_BITS;
 constexpr int TAB_K_OFF = 0;                                        // words
 constexpr int TAB_V_OFF = SHARED_TAB ? 0 : KS::TAB_WORDS;
 constexpr int TAB_WORDS = KS::TAB_WORDS + (SHARED_TAB ? 0 : VS::TAB_WORDS);
-constexpr int QS_OFF = TAB_WORDS;                                   // f32 [GQA][D] + amax [8]
+// Per-warp pipeline stage (bytes): each thread's raw bytes of one tile, chunk-interleaved across
+// lanes (chunk k of lane l at (32k + l) * CHUNK: conflict-free), then the tile's norms.
+// cp.async needs 4/8/16-byte chunks; rows whose per-thread slices are not 4-byte aligned (3-bit
+// at small head_dim) go through registers instead (ASYNC = false), into the same layout.
+constexpr bool ASYNC = KS::KALIGN >= 4 && VS::VALIGN >= 4;
+constexpr int KCH = KS::KALIGN >= 4 ? KS::KALIGN : 4;         // K chunk bytes
+constexpr int VCH = VS::VALIGN >= 4 ? VS::VALIGN : 4;
+constexpr int KNCH = KS::KWORDS * 4 / KCH;                      // chunks per (token, norm block)
+constexpr int VNCH = VS::VWORDS * 4 / VCH;
+constexpr int ST_K = 0;                                         // [2 tokens][NB][KNCH][32 lanes]
+constexpr int ST_V = ST_K + 2 * NB * KNCH * 32 * KCH;           // [4 tokens][NB][VNCH][32 lanes]
+constexpr int ST_N = ST_V + 4 * NB * VNCH * 32 * VCH;           // f32 [2 sides][16 tokens][NB]
+constexpr int STAGE_BYTES = ST_N + 2 * TILE * NB * 4;
+static_assert(STAGE_BYTES % 16 == 0, "stage alignment");
+constexpr int PIPE_OFF = TAB_WORDS;                             // words
+constexpr int PIPE_WORDS = WARPS * STAGES * STAGE_BYTES / 4;
+constexpr int QS_OFF = PIPE_OFF + PIPE_WORDS;                   // f32 [GQA][D] + amax [8]
 constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 8;
-constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;        // aliases the tables
+constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 constexpr int SMEM_WORDS = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
 
 /// Dynamic shared memory bytes tq_decode_split needs (read by the host).
@@ -246,23 +265,44 @@ __device__ __forceinline__ u32 field_off(const u32 (&w)[NW], u32 lane4) {
     else return ((x << (7 - sh)) & mask) | lane4;
 }
 
-/// Compile-time loop: f(IC<I>{}) for I in [I0, N).
-template <int I>
-struct IC {
-    static constexpr int value = I;
-};
-template <int I, int N>
-struct Unroll {
-    template <typename F>
-    __device__ __forceinline__ static void run(F&& f) {
-        if constexpr (I < N) {
-            f(IC<I>{});
-            Unroll<I + 1, N>::run(f);
+__device__ __forceinline__ u32 lds(const u8* base, u32 off) { return *(const u32*)(base + off); }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+template <int N>
+__device__ __forceinline__ void cp_async(u32 dst, const void* src) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+struct alignas(16) U4 { u32 x, y, z, w; };
+struct alignas(8) U2 { u32 x, y; };
+
+/// Reads NCH chunks of CH bytes (chunk k at base + (32k + lane) * CH) into little-endian words.
+template <int CH, int NCH, int NW>
+__device__ __forceinline__ void read_chunks(const u8* base, u32 lane, u32 (&w)[NW]) {
+#pragma unroll
+    for (int k = 0; k < NCH; ++k) {
+        const u8* q = base + (32 * k + lane) * CH;
+        if constexpr (CH == 16) {
+            const U4 v = *(const U4*)q;
+            w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+        } else if constexpr (CH == 8) {
+            const U2 v = *(const U2*)q;
+            w[2 * k] = v.x; w[2 * k + 1] = v.y;
+        } else {
+            w[k] = *(const u32*)q;
         }
     }
-};
-
-__device__ __forceinline__ u32 lds(const u8* base, u32 off) { return *(const u32*)(base + off); }
+}
 
 // ---------------------------------------------------------------- the split kernel
 
@@ -290,7 +330,10 @@ __device__ __forceinline__ u32 slot_of(const SeqCtx& s, u32 pos, u32 pos0, u32 s
     return sl;
 }
 
-__device__ __forceinline__ void load_tile(const SeqCtx& s, u32 pos0, u32 g, u32 c, Tile& t) {
+/// Starts the loads of one 16-token tile into a pipeline stage (shared address `st`): K slices of
+/// tokens g, g+8; V slices of tokens 2c, 2c+1, 2c+8, 2c+9; the 16 tokens' norms (by lanes).
+/// Positions past the end are clamped to the last one (their scores are masked).
+__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st) {
     const u32 slot0 = s.ring ? pos0 % s.cap : pos0;
     const u32 last = s.end - 1;
 #pragma unroll
@@ -299,19 +342,69 @@ __device__ __forceinline__ void load_tile(const SeqCtx& s, u32 pos0, u32 g, u32 
         pos = pos < last ? pos : last;
         const u8* row = s.kp + (u64)slot_of(s, pos, pos0, slot0) * KS::ROW + c * KS::KBYTES;
 #pragma unroll
-        for (int b = 0; b < NB; ++b) load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK, t.k[n][b]);
+        for (int b = 0; b < NB; ++b) {
+            const u32 dst = st + ST_K + ((n * NB + b) * KNCH * 32 + lane) * KCH;
+            if constexpr (ASYNC) {
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + k * 32 * KCH, row + b * KS::BLK + k * KCH);
+            } else {
+                u32 w[KS::KWORDS];
+                load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK, w);
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+            }
+        }
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         u32 pos = pos0 + 2 * c + (r & 1) + 8 * (r >> 1);
         pos = pos < last ? pos : last;
-        const u32 sl = slot_of(s, pos, pos0, slot0);
-        const u8* row = s.vp + (u64)sl * VS::ROW + g * VS::VBYTES;
+        const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW + g * VS::VBYTES;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK, t.v[r][b]);
-            t.kn[r][b] = __ldg(s.kn + (u64)sl * NB + b);
-            t.vn[r][b] = __ldg(s.vn + (u64)sl * NB + b);
+            const u32 dst = st + ST_V + ((r * NB + b) * VNCH * 32 + lane) * VCH;
+            if constexpr (ASYNC) {
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + k * 32 * VCH, row + b * VS::BLK + k * VCH);
+            } else {
+                u32 w[VS::VWORDS];
+                load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK, w);
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+            }
+        }
+    }
+    for (u32 i = lane; i < 2 * TILE * NB; i += 32) {
+        const u32 side = i / (TILE * NB), t = (i / NB) % TILE, b = i % NB;
+        u32 pos = pos0 + t;
+        pos = pos < last ? pos : last;
+        const float* src = (side ? s.vn : s.kn) + (u64)slot_of(s, pos, pos0, slot0) * NB + b;
+        if constexpr (ASYNC) {
+            cp_async<4>(st + ST_N + i * 4, src);
+        } else {
+            asm volatile("st.shared.f32 [%0], %1;" ::"r"(st + ST_N + i * 4), "f"(__ldg(src)) : "memory");
+        }
+    }
+}
+
+/// Copies this thread's part of a landed stage (generic pointer `st`) into registers.
+__device__ __forceinline__ void read_tile(const u8* st, u32 lane, u32 c, Tile& t) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) read_chunks<KCH, KNCH>(st + ST_K + (n * NB + b) * KNCH * 32 * KCH, lane, t.k[n][b]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + ST_V + (r * NB + b) * VNCH * 32 * VCH, lane, t.v[r][b]);
+    const float* nrm = (const float*)(st + ST_N);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u32 tok = 2 * c + (r & 1) + 8 * (r >> 1);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            t.kn[r][b] = nrm[tok * NB + b];
+            t.vn[r][b] = nrm[(TILE + tok) * NB + b];
         }
     }
 }
@@ -339,6 +432,36 @@ __device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab
     } else {
         lo = lds(tab, field_off<8, 2 * JP>(w, lane4));
         hi = lds(tab, field_off<8, 2 * JP + 1>(w, lane4));
+    }
+}
+
+/// Score mma chunks KBI.. of one norm block: (a0, a1) += Q^ x K-centroids (8 tokens).
+template <int KBI>
+__device__ __forceinline__ void score_chunks(float& a0, float& a1, const u32 (&qa)[KB][2], const u32 (&w)[KS::KWORDS],
+                                             const u8* tab, u32 lane4) {
+    if constexpr (KBI < KB) {
+        const u32 b0 = k_pair<KBI, 0>(w, tab, lane4);
+        const u32 b1 = k_pair<KBI, 1>(w, tab, lane4);
+        mma_rows8(a0, a1, qa[KBI][0], qa[KBI][1], b0, b1);
+        score_chunks<KBI + 1>(a0, a1, qa, w, tab, lane4);
+    }
+}
+
+/// PV mma n-tiles 2JP.. of one norm block: o += P' x V-centroids of tokens (2c, 2c+1 | 2c+8, 2c+9).
+template <int JP>
+__device__ __forceinline__ void pv_pairs(float (&o)[NTB][2], u32 pa0, u32 pa1, const u32 (&v0)[VS::VWORDS],
+                                         const u32 (&v1)[VS::VWORDS], const u32 (&v2)[VS::VWORDS],
+                                         const u32 (&v3)[VS::VWORDS], const u8* tab, u32 lane4) {
+    if constexpr (JP < NTB / 2) {
+        u32 lo[4], hi[4];
+        v_pair<JP>(v0, tab, lane4, lo[0], hi[0]);
+        v_pair<JP>(v1, tab, lane4, lo[1], hi[1]);
+        v_pair<JP>(v2, tab, lane4, lo[2], hi[2]);
+        v_pair<JP>(v3, tab, lane4, lo[3], hi[3]);
+        mma_rows8(o[2 * JP][0], o[2 * JP][1], pa0, pa1, __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(lo[2], lo[3], 0x5410));
+        mma_rows8(o[2 * JP + 1][0], o[2 * JP + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], 0x5410),
+                  __byte_perm(hi[2], hi[3], 0x5410));
+        pv_pairs<JP + 1>(o, pa0, pa1, v0, v1, v2, v3, tab, lane4);
     }
 }
 
@@ -372,6 +495,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         return;
     }
 
+    SeqCtx s;
+    {
+        const u64 head_slot0 = pair_idx * p.capacity;
+        s.kp = (const u8*)p.k_packed + head_slot0 * KS::ROW;
+        s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
+        s.kn = (const float*)p.k_norms + head_slot0 * NB;
+        s.vn = (const float*)p.v_norms + head_slot0 * NB;
+        s.start = start;
+        s.end = len;
+        s.cap = p.capacity;
+        s.ring = ring;
+    }
+
+    // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
+    {
+        const u32 tile0 = t_begin + warp;
+        const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+        const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+#pragma unroll
+        for (int i = 0; i < STAGES - 1; ++i) {
+            if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + i * STAGE_BYTES);
+            cp_async_commit();
+        }
+    }
     // Codebook tables (f16), lane-replicated.
     {
         const float* cbk = (const float*)p.k_codebook;
@@ -442,31 +589,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
     const u8* tab_k = (const u8*)(smem + TAB_K_OFF);
     const u8* tab_v = (const u8*)(smem + TAB_V_OFF);
 
-    SeqCtx s;
-    {
-        const u64 head_slot0 = pair_idx * p.capacity;
-        s.kp = (const u8*)p.k_packed + head_slot0 * KS::ROW;
-        s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
-        s.kn = (const float*)p.k_norms + head_slot0 * NB;
-        s.vn = (const float*)p.v_norms + head_slot0 * NB;
-        s.start = start;
-        s.end = len;
-        s.cap = p.capacity;
-        s.ring = ring;
-    }
-
-    float o[NT][2];
+    float o[NB][NTB][2]; // PV accumulators: n-tile (b, j), columns 2c, 2c+1; row g
 #pragma unroll
-    for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = 0.0f;
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int j = 0; j < NTB; ++j) o[b][j][0] = o[b][j][1] = 0.0f;
     float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
 
-    u32 tile = t_begin + warp;
-    Tile cur, nxt;
-    if (tile < t_end) load_tile(s, start + tile * TILE, g, c, cur);
+    const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
+    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+    const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
 #pragma unroll 1
-    for (; tile < t_end; tile += WARPS) {
-        const u32 pos0 = start + tile * TILE;
-        if (tile + WARPS < t_end) load_tile(s, pos0 + WARPS * TILE, g, c, nxt);
+    for (int i = 0; i < n_mine; ++i) {
+        __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
+        const int ia = i + STAGES - 1;
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + (ia % STAGES) * STAGE_BYTES);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();
+        Tile cur;
+        read_tile(pipe_g + (i % STAGES) * STAGE_BYTES, lane, c, cur);
+        const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
 
         // Scores: sc[n][j] for tokens 8n + 2c + j, head g.
         float sc[2][NB][2];
@@ -475,12 +619,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
                 float a0 = 0.0f, a1 = 0.0f;
-                Unroll<0, KB>::run([&](auto kbc) {
-                    constexpr int kb = decltype(kbc)::value;
-                    const u32 b0 = k_pair<kb, 0>(cur.k[n][b], tab_k, lane4);
-                    const u32 b1 = k_pair<kb, 1>(cur.k[n][b], tab_k, lane4);
-                    mma_rows8(a0, a1, qa[b][kb][0], qa[b][kb][1], b0, b1);
-                });
+                score_chunks<0>(a0, a1, qa[b], cur.k[n][b], tab_k, lane4);
                 sc[n][b][0] = a0;
                 sc[n][b][1] = a1;
             }
@@ -512,27 +651,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         for (int r = 0; r < 4; ++r) pr[r] = ex2(t[r] - m_new);
         l_run = l_run * corr + (pr[0] + pr[1]) + (pr[2] + pr[3]);
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-            o[i][0] *= corr;
-            o[i][1] *= corr;
-        }
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int j = 0; j < NTB; ++j) {
+                o[b][j][0] *= corr;
+                o[b][j][1] *= corr;
+            }
         // PV per norm block: A = P' (row g, tokens 2c, 2c+1 | 2c+8, 2c+9), B = values of column g.
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 pa0 = pack_h2(pr[0] * cur.vn[0][b] * vg, pr[1] * cur.vn[1][b] * vg);
             const u32 pa1 = pack_h2(pr[2] * cur.vn[2][b] * vg, pr[3] * cur.vn[3][b] * vg);
-            Unroll<0, NTB / 2>::run([&](auto jpc) {
-                constexpr int jp = decltype(jpc)::value;
-                u32 lo[4], hi[4];
-#pragma unroll
-                for (int r = 0; r < 4; ++r) v_pair<jp>(cur.v[r][b], tab_v, lane4, lo[r], hi[r]);
-                const int nt = b * NTB + 2 * jp;
-                mma_rows8(o[nt][0], o[nt][1], pa0, pa1, __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(lo[2], lo[3], 0x5410));
-                mma_rows8(o[nt + 1][0], o[nt + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], 0x5410), __byte_perm(hi[2], hi[3], 0x5410));
-            });
+            pv_pairs<0>(o[b], pa0, pa1, cur.v[0][b], cur.v[1][b], cur.v[2][b], cur.v[3][b], tab_v, lane4);
         }
-        cur = nxt;
     }
+    cp_async_wait<0>();
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
 
@@ -548,11 +681,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         }
         float* row = sm_o + (warp * GQA + g) * D;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int b = nt / NTB, j = nt % NTB;
-            row[b * 256 + (2 * c) * NTB + j] = o[nt][0];
-            row[b * 256 + (2 * c + 1) * NTB + j] = o[nt][1];
-        }
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int j = 0; j < NTB; ++j) {
+                row[b * 256 + (2 * c) * NTB + j] = o[b][j][0];
+                row[b * 256 + (2 * c + 1) * NTB + j] = o[b][j][1];
+            }
     }
     __syncthreads();
     for (u32 i = tid; i < GQA * D; i += THREADS) {
