@@ -26,7 +26,8 @@
 //
 // Defines: K_BITS, V_BITS (2,3,4,5,6,8), HEAD_DIM (64..512, power of two), GQA (1..8 query heads
 // per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
-// STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight).
+// STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight),
+// MIN_BLOCKS (resident blocks per SM the register allocation must allow).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
@@ -49,6 +50,9 @@
 #endif
 #ifndef STAGES
 #define STAGES 4
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1
 #endif
 
 typedef unsigned char u8;
@@ -139,10 +143,27 @@ constexpr int TAB_WORDS = KS::TAB_WORDS + (SHARED_TAB ? 0 : VS::TAB_WORDS);
 // cp.async needs 4/8/16-byte chunks; rows whose per-thread slices are not 4-byte aligned (3-bit
 // at small head_dim) go through registers instead (ASYNC = false), into the same layout.
 constexpr bool ASYNC = KS::KALIGN >= 4 && VS::VALIGN >= 4;
-constexpr int KCH = KS::KALIGN >= 4 ? KS::KALIGN : 4;         // K chunk bytes
-constexpr int VCH = VS::VALIGN >= 4 ? VS::VALIGN : 4;
+constexpr int KCH = ASYNC ? KS::KALIGN : 4;                     // K chunk bytes
+constexpr int VCH = ASYNC ? VS::VALIGN : 4;
 constexpr int KNCH = KS::KWORDS * 4 / KCH;                      // chunks per (token, norm block)
 constexpr int VNCH = VS::VWORDS * 4 / VCH;
+// Chunk interleave: when a thread's slice has several chunks, chunk k of thread c (K) / g (V) sits
+// at row offset (4k + c) * KCH / (8k + g) * VCH, so one cp.async instruction of the warp covers
+// whole 32-byte sectors (contiguous slices would fetch every sector twice).
+constexpr int KDPC = KS::PAIR ? KCH * 8 / K_BITS : KCH;        // dims per K chunk (if integral)
+constexpr int VDPC = VS::PAIR ? VCH * 8 / V_BITS : VCH;
+constexpr bool K_ILV = ASYNC && KNCH > 1 && (KCH * 8) % (KS::PAIR ? K_BITS : 8) == 0 && KDPC % 4 == 0;
+constexpr bool V_ILV = ASYNC && VNCH > 1 && (VCH * 8) % (VS::PAIR ? V_BITS : 8) == 0 && VDPC % 2 == 0;
+__device__ __forceinline__ u32 k_chunk_off(u32 c, int k) { return K_ILV ? (4 * k + c) * KCH : c * KS::KBYTES + k * KCH; }
+__device__ __forceinline__ u32 v_chunk_off(u32 g, int k) { return V_ILV ? (8 * k + g) * VCH : g * VS::VBYTES + k * VCH; }
+/// Head dim of local score-side dim t (0 .. D_BLK/4) of thread c in norm block b.
+__device__ __forceinline__ u32 kdim(int b, u32 c, u32 t) {
+    return b * 256 + (K_ILV ? ((t / KDPC) * 4 + c) * KDPC + t % KDPC : c * (D_BLK / 4) + t);
+}
+/// Head dim of local PV-side dim j (0 .. NTB) of column n in norm block b.
+__device__ __forceinline__ u32 vdim(int b, u32 n, u32 j) {
+    return b * 256 + (V_ILV ? ((j / VDPC) * 8 + n) * VDPC + j % VDPC : n * NTB + j);
+}
 constexpr int ST_K = 0;                                         // [2 tokens][NB][KNCH][32 lanes]
 constexpr int ST_V = ST_K + 2 * NB * KNCH * 32 * KCH;           // [4 tokens][NB][VNCH][32 lanes]
 constexpr int ST_N = ST_V + 4 * NB * VNCH * 32 * VCH;           // f32 [2 sides][16 tokens][NB]
@@ -332,24 +353,53 @@ __device__ __forceinline__ u32 slot_of(const SeqCtx& s, u32 pos, u32 pos0, u32 s
 
 /// Starts the loads of one 16-token tile into a pipeline stage (shared address `st`): K slices of
 /// tokens g, g+8; V slices of tokens 2c, 2c+1, 2c+8, 2c+9; the 16 tokens' norms (by lanes).
-/// Positions past the end are clamped to the last one (their scores are masked).
+/// Positions past the end are clamped to the last one (their scores are masked). Tiles wholly
+/// inside the sequence whose slots do not wrap take the fast path: one slot for the tile.
 __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st) {
     const u32 slot0 = s.ring ? pos0 % s.cap : pos0;
     const u32 last = s.end - 1;
+    const bool fast = pos0 + TILE <= s.end && slot0 + TILE <= s.cap;
+    if (ASYNC && fast) {
+        const u8* kr = s.kp + (u64)(slot0 + g) * KS::ROW;
+        const u8* vr = s.vp + (u64)(slot0 + 2 * c) * VS::ROW;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k)
+                    cp_async<KCH>(st + ST_K + (((n * NB + b) * KNCH + k) * 32 + lane) * KCH,
+                                  kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k));
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k)
+                    cp_async<VCH>(st + ST_V + (((r * NB + b) * VNCH + k) * 32 + lane) * VCH,
+                                  vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
+#pragma unroll
+        for (int i0 = 0; i0 < 2 * TILE * NB; i0 += 32) {
+            const u32 i = i0 + lane;
+            const u32 side = i / (TILE * NB), rem = i % (TILE * NB);
+            cp_async<4>(st + ST_N + i * 4, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem);
+        }
+        return;
+    }
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
         u32 pos = pos0 + g + 8 * n;
         pos = pos < last ? pos : last;
-        const u8* row = s.kp + (u64)slot_of(s, pos, pos0, slot0) * KS::ROW + c * KS::KBYTES;
+        const u8* row = s.kp + (u64)slot_of(s, pos, pos0, slot0) * KS::ROW;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 dst = st + ST_K + ((n * NB + b) * KNCH * 32 + lane) * KCH;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + k * 32 * KCH, row + b * KS::BLK + k * KCH);
+                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k));
             } else {
                 u32 w[KS::KWORDS];
-                load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK, w);
+                load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK + c * KS::KBYTES, w);
 #pragma unroll
                 for (int k = 0; k < KNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
             }
@@ -359,16 +409,16 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
     for (int r = 0; r < 4; ++r) {
         u32 pos = pos0 + 2 * c + (r & 1) + 8 * (r >> 1);
         pos = pos < last ? pos : last;
-        const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW + g * VS::VBYTES;
+        const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 dst = st + ST_V + ((r * NB + b) * VNCH * 32 + lane) * VCH;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + k * 32 * VCH, row + b * VS::BLK + k * VCH);
+                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k));
             } else {
                 u32 w[VS::VWORDS];
-                load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK, w);
+                load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK + g * VS::VBYTES, w);
 #pragma unroll
                 for (int k = 0; k < VNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
             }
@@ -436,14 +486,15 @@ __device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab
 }
 
 /// Score mma chunks KBI.. of one norm block: (a0, a1) += Q^ x K-centroids (8 tokens).
+/// Two accumulator pairs (even / odd chunks) halve the dependent mma chain.
 template <int KBI>
-__device__ __forceinline__ void score_chunks(float& a0, float& a1, const u32 (&qa)[KB][2], const u32 (&w)[KS::KWORDS],
+__device__ __forceinline__ void score_chunks(float (&a)[2][2], const u32 (&qa)[KB][2], const u32 (&w)[KS::KWORDS],
                                              const u8* tab, u32 lane4) {
     if constexpr (KBI < KB) {
         const u32 b0 = k_pair<KBI, 0>(w, tab, lane4);
         const u32 b1 = k_pair<KBI, 1>(w, tab, lane4);
-        mma_rows8(a0, a1, qa[KBI][0], qa[KBI][1], b0, b1);
-        score_chunks<KBI + 1>(a0, a1, qa, w, tab, lane4);
+        mma_rows8(a[KBI & 1][0], a[KBI & 1][1], qa[KBI][0], qa[KBI][1], b0, b1);
+        score_chunks<KBI + 1>(a, qa, w, tab, lane4);
     }
 }
 
@@ -465,7 +516,7 @@ __device__ __forceinline__ void pv_pairs(float (&o)[NTB][2], u32 pa0, u32 pa1, c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const DecodeParams p) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const DecodeParams p) {
     extern __shared__ u32 smem[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -576,10 +627,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         for (int b = 0; b < NB; ++b)
 #pragma unroll
             for (int kb = 0; kb < KB; ++kb) {
-                const u32 d0 = b * 256 + c * (D_BLK / 4) + 4 * kb;
-                const float* r = qs + (g < GQA ? g : 0) * D + d0;
-                qa[b][kb][0] = g < GQA ? pack_h2(r[0] * inv, r[1] * inv) : 0u;
-                qa[b][kb][1] = g < GQA ? pack_h2(r[2] * inv, r[3] * inv) : 0u;
+                const float* r = qs + (g < GQA ? g : 0) * D;
+                const u32 d0 = kdim(b, c, 4 * kb), d2 = kdim(b, c, 4 * kb + 2);
+                qa[b][kb][0] = g < GQA ? pack_h2(r[d0] * inv, r[d0 + 1] * inv) : 0u;
+                qa[b][kb][1] = g < GQA ? pack_h2(r[d2] * inv, r[d2 + 1] * inv) : 0u;
             }
     }
     const float kg = NB == 1 ? INV_SQRT_D : p.inv_sf;       // norm -> per-coordinate scale
@@ -618,10 +669,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         for (int n = 0; n < 2; ++n)
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-                float a0 = 0.0f, a1 = 0.0f;
-                score_chunks<0>(a0, a1, qa[b], cur.k[n][b], tab_k, lane4);
-                sc[n][b][0] = a0;
-                sc[n][b][1] = a1;
+                float a[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+                score_chunks<0>(a, qa[b], cur.k[n][b], tab_k, lane4);
+                sc[n][b][0] = a[0][0] + a[1][0];
+                sc[n][b][1] = a[0][1] + a[1][1];
             }
         float t[4];
         float mt = -__int_as_float(0x7f800000);
@@ -650,13 +701,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
 #pragma unroll
         for (int r = 0; r < 4; ++r) pr[r] = ex2(t[r] - m_new);
         l_run = l_run * corr + (pr[0] + pr[1]) + (pr[2] + pr[3]);
+        if (__any_sync(0xffffffffu, corr != 1.0f)) {
 #pragma unroll
-        for (int b = 0; b < NB; ++b)
+            for (int b = 0; b < NB; ++b)
 #pragma unroll
-            for (int j = 0; j < NTB; ++j) {
-                o[b][j][0] *= corr;
-                o[b][j][1] *= corr;
-            }
+                for (int j = 0; j < NTB; ++j) {
+                    o[b][j][0] *= corr;
+                    o[b][j][1] *= corr;
+                }
+        }
         // PV per norm block: A = P' (row g, tokens 2c, 2c+1 | 2c+8, 2c+9), B = values of column g.
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
@@ -684,8 +737,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) tq_decode_split(const Deco
         for (int b = 0; b < NB; ++b)
 #pragma unroll
             for (int j = 0; j < NTB; ++j) {
-                row[b * 256 + (2 * c) * NTB + j] = o[b][j][0];
-                row[b * 256 + (2 * c + 1) * NTB + j] = o[b][j][1];
+                row[vdim(b, 2 * c, j)] = o[b][j][0];
+                row[vdim(b, 2 * c + 1, j)] = o[b][j][1];
             }
     }
     __syncthreads();
