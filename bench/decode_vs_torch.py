@@ -425,7 +425,12 @@ def bench(src, args, log):
     Hq, Hkv, d = 32, 8, 128
     G = Hq // Hkv
     bits = [tuple(map(int, x.split("/"))) for x in args.bits.split(",")]
-    kernels = {kv: TqDecode(src, kv[0], kv[1], d, G, torch.bfloat16, warps=args.warps, stages=args.stages) for kv in bits}
+    # Without --variants: the best measured variant per bit width (NOTES-decode.md, v3).
+    best_known = {(8, 8): (4, 4, 2)}
+    kernels = {}
+    for kv in bits:
+        w, st, mb = best_known.get(kv, (4, 2, 3))
+        kernels[kv] = TqDecode(src, kv[0], kv[1], d, G, torch.bfloat16, warps=w, stages=st, min_blocks=mb)
     if args.variants:
         variants = [tuple(map(int, v.split("x"))) for v in args.variants.split(",")]
         for kv in bits:

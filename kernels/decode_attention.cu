@@ -15,14 +15,17 @@
 //   tq_decode_merge  grid (num_kv_heads*GQA, num_seqs), block HEAD_DIM threads: log-sum-exp merge
 //                    of the splits, normalization, inverse rotation, output in DTYPE.
 //
-// Work split inside a block: each warp takes 16-token tiles (tile, tile+WARPS, ...). Scores use
+// Work split inside a block: each warp takes 16-token tiles (tile, tile+WARPS, ...) through its own
+// cp.async pipeline in shared memory (STAGES stages, STAGES-1 tiles of loads in flight; the first
+// ones are issued before the prologue builds the tables and rotates the queries). Scores use
 // tensor-core mma.m16n8k16 (f16 in, f32 accumulate): S[head][token] = Q^[head][dim] * C[dim][token]
 // with the GQA heads on the M rows (rows >= GQA are zero), then PV: O[head][dim] += P'[head][token]
 // * C[token][dim] with P' = p * g_v * pv_scale. Codebook lookups come from a lane-replicated table
 // in shared memory (entry e of lane l at word e*32 + l: conflict-free): for bits <= 4 one lookup
 // decodes a pair of indices (one 2*bits field of the packed stream) into a half2; for 5/6/8 bits
 // one lookup per index. Within an mma the k/n index -> head-dim mapping is a fixed permutation
-// chosen so that each thread reads contiguous bytes of a packed row (see kdim / vdim below).
+// chosen so that each thread reads whole 16/8/4-byte chunks of a packed row (see kdim / vdim).
+// Requires the packed and norm buffers 16-byte aligned (cudaMalloc'd base pointers).
 //
 // Defines: K_BITS, V_BITS (2,3,4,5,6,8), HEAD_DIM (64..512, power of two), GQA (1..8 query heads
 // per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
@@ -340,7 +343,7 @@ struct SeqCtx {
     const u8* vp;
     const float* kn;
     const float* vn;
-    u32 start, end, cap;
+    u32 end, cap;
     bool ring;
 };
 
@@ -553,7 +556,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
         s.kn = (const float*)p.k_norms + head_slot0 * NB;
         s.vn = (const float*)p.v_norms + head_slot0 * NB;
-        s.start = start;
         s.end = len;
         s.cap = p.capacity;
         s.ring = ring;
