@@ -1,0 +1,803 @@
+// Fused decode attention over the TurboQuant compressed KV cache (docs/FORMAT.md).
+//
+// One query token per sequence (at logical position len-1) against packed keys/values:
+//   q~ = H D q (rotated once), s_j = scale * <q~, k^_j> in the rotated domain (optional logit
+//   softcap c*tanh(s/c), optional sliding window), online softmax, o~ = sum_j p_j v^_j,
+//   o = D H o~ (un-rotated once). k^_j, v^_j are dequantized on the fly: C[idx] * g.
+//
+// Kernels (NVRTC, no toolkit headers; compile-time constants by -D):
+//   tq_decode_split  grid (num_splits, num_kv_heads, num_seqs), block WARPS*32 threads,
+//                    dynamic shared memory tq_decode_smem_bytes. Each block serves the GQA
+//                    query heads of one KV head over one slice of the sequence (flash-decoding)
+//                    and writes a partial state: part_o [num_seqs][num_kv_heads][num_splits][GQA]
+//                    [HEAD_DIM] f32 (unnormalized, rotated domain, times pv_scale) and part_ml
+//                    [...][GQA][2] f32 (running max in log2 units, sum of weights).
+//   tq_decode_merge  grid (num_kv_heads*GQA, num_seqs), block HEAD_DIM threads: log-sum-exp merge
+//                    of the splits, normalization, inverse rotation, output in DTYPE.
+//
+// Work split inside a block: each warp takes 16-token tiles (tile, tile+WARPS, ...) through its own
+// cp.async pipeline in shared memory (STAGES stages, STAGES-1 tiles of loads in flight; the first
+// ones are issued before the prologue builds the tables and rotates the queries). Scores use
+// tensor-core mma.m16n8k16 (f16 in, f32 accumulate): S[head][token] = Q^[head][dim] * C[dim][token]
+// with the GQA heads on the M rows (rows >= GQA are zero), then PV: O[head][dim] += P'[head][token]
+// * C[token][dim] with P' = p * g_v * pv_scale. Codebook lookups come from a lane-replicated table
+// in shared memory (entry e of lane l at word e*32 + l: conflict-free): for bits <= 4 one lookup
+// decodes a pair of indices (one 2*bits field of the packed stream) into a half2; for 5/6/8 bits
+// one lookup per index. Within an mma the k/n index -> head-dim mapping is a fixed permutation
+// chosen so that each thread reads whole 16/8/4-byte chunks of a packed row (see kdim / vdim).
+// Requires the packed and norm buffers 16-byte aligned (cudaMalloc'd base pointers).
+//
+// Defines: K_BITS, V_BITS (2,3,4,5,6,8), HEAD_DIM (64..512, power of two), GQA (1..8 query heads
+// per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
+// STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight),
+// MIN_BLOCKS (resident blocks per SM the register allocation must allow).
+// Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
+
+#ifndef K_BITS
+#define K_BITS 4
+#endif
+#ifndef V_BITS
+#define V_BITS 4
+#endif
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef GQA
+#define GQA 4
+#endif
+#ifndef DTYPE
+#define DTYPE 2
+#endif
+#ifndef WARPS
+#define WARPS 4
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1
+#endif
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+/// Kernel parameters, passed by value. Pointers are device addresses (u64); the Rust side mirrors
+/// this struct field by field (#[repr(C)], 144 bytes).
+struct DecodeParams {
+    u64 q;          // [num_seqs][num_kv_heads*GQA][HEAD_DIM] DTYPE
+    u64 out;        // same shape and dtype
+    u64 k_packed;   // u8 [num_seqs][num_kv_heads][capacity][row_bytes_k]
+    u64 k_norms;    // f32 [num_seqs][num_kv_heads][capacity][norms_per_pos]
+    u64 v_packed;   // u8 [num_seqs][num_kv_heads][capacity][row_bytes_v]
+    u64 v_norms;    // f32 [num_seqs][num_kv_heads][capacity][norms_per_pos]
+    u64 k_codebook; // f32 [1 << K_BITS], ascending Lloyd-Max centroids
+    u64 v_codebook; // f32 [1 << V_BITS]
+    u64 signs;      // f32 [HEAD_DIM], the rotation's +-1 signs
+    u64 seq_lens;   // u32 [num_seqs], tokens appended (logical length)
+    u64 ring_flags; // u32 [num_seqs], nonzero = ring sequence; 0 (null) = use `ring` for all
+    u64 part_o;     // f32 workspace, see above
+    u64 part_ml;    // f32 workspace, see above
+    u32 num_seqs;
+    u32 num_kv_heads;
+    u32 capacity;   // slots per (sequence, head)
+    u32 num_splits; // blocks per (sequence, KV head) along the sequence
+    u32 ring;       // 1 = every sequence is a ring (slot = pos % capacity), unless ring_flags
+    u32 window;     // 0 = none; else only positions > len-1-window attend
+    float scale;    // softmax scale (e.g. 1/sqrt(head_dim))
+    float softcap;  // 0 = none; else s = softcap * tanh(s / softcap)
+    float pv_scale; // multiplies P' before f16 rounding; the merge divides it out (1 by default)
+    float inv_sf;   // 1 / scale_factor_d512 (used for HEAD_DIM > 256)
+};
+
+// ---------------------------------------------------------------- compile-time geometry
+
+constexpr int D = HEAD_DIM;
+constexpr int D_BLK = D < 256 ? D : 256; // coordinates per norm block
+constexpr int NB = D / D_BLK;            // norms per position
+constexpr int KB = D_BLK / 16;           // score mma k-chunks per norm block
+constexpr int NTB = D_BLK / 8;           // PV mma n-tiles per norm block
+constexpr int THREADS = WARPS * 32;
+constexpr int TILE = 16;                 // tokens per warp tile
+
+static_assert(D >= 64 && D <= 512 && (D & (D - 1)) == 0, "HEAD_DIM must be 64..512, power of two");
+static_assert(GQA >= 1 && GQA <= 8, "GQA must be 1..8 (heads on the mma rows 0..7)");
+
+__host__ __device__ constexpr float inv_sqrt_pow2(int d) {
+    // exact for even powers of two; sqrt(1/2) rounded for odd ones
+    float r = 1.0f;
+    int k = 0;
+    while ((1 << k) < d) ++k;
+    for (int i = 0; i < k / 2; ++i) r *= 0.5f;
+    return (k & 1) ? r * 0.70710678118654752f : r;
+}
+constexpr float INV_SQRT_D = inv_sqrt_pow2(D);
+constexpr float LOG2E = 1.4426950408889634f;
+
+__host__ __device__ constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
+__host__ __device__ constexpr int pow2_align(int n) { return (n & 15) == 0 ? 16 : (n & 7) == 0 ? 8 : (n & 3) == 0 ? 4 : (n & 1) == 0 ? 2 : 1; }
+
+/// Per-side packing constants.
+template <int BITS>
+struct Side {
+    static constexpr bool PAIR = BITS <= 4;                       // one lookup = two indices
+    static constexpr int FIELD = PAIR ? 2 * BITS : 8;             // bits per lookup field
+    static constexpr int ENTRIES = PAIR ? (1 << (2 * BITS)) : (1 << BITS);
+    static constexpr int TAB_WORDS = ENTRIES * 32;                // lane-replicated
+    __host__ __device__ static constexpr int bytes(int dims) { return PAIR ? dims * BITS / 8 : dims; }
+    static constexpr int ROW = bytes(D);                           // row_bytes
+    static constexpr int BLK = bytes(D_BLK);                       // bytes per norm block
+    static constexpr int KBYTES = bytes(D_BLK / 4);                // score side: per thread, per block
+    static constexpr int VBYTES = bytes(NTB);                      // PV side: per thread, per block
+    static constexpr int KWORDS = (KBYTES + 3) / 4;
+    static constexpr int VWORDS = (VBYTES + 3) / 4;
+    static constexpr int KALIGN = pow2_align(gcd_c(gcd_c(KBYTES, ROW), BLK));
+    static constexpr int VALIGN = pow2_align(gcd_c(gcd_c(VBYTES, ROW), BLK));
+};
+typedef Side<K_BITS> KS;
+typedef Side<V_BITS> VS;
+constexpr bool SHARED_TAB = K_BITS == V_BITS;
+constexpr int TAB_K_OFF = 0;                                        // words
+constexpr int TAB_V_OFF = SHARED_TAB ? 0 : KS::TAB_WORDS;
+constexpr int TAB_WORDS = KS::TAB_WORDS + (SHARED_TAB ? 0 : VS::TAB_WORDS);
+// Per-warp pipeline stage (bytes): each thread's raw bytes of one tile, chunk-interleaved across
+// lanes (chunk k of lane l at (32k + l) * CHUNK: conflict-free), then the tile's norms.
+// cp.async needs 4/8/16-byte chunks; rows whose per-thread slices are not 4-byte aligned (3-bit
+// at small head_dim) go through registers instead (ASYNC = false), into the same layout.
+constexpr bool ASYNC = KS::KALIGN >= 4 && VS::VALIGN >= 4;
+constexpr int KCH = ASYNC ? KS::KALIGN : 4;                     // K chunk bytes
+constexpr int VCH = ASYNC ? VS::VALIGN : 4;
+constexpr int KNCH = KS::KWORDS * 4 / KCH;                      // chunks per (token, norm block)
+constexpr int VNCH = VS::VWORDS * 4 / VCH;
+// Chunk interleave: when a thread's slice has several chunks, chunk k of thread c (K) / g (V) sits
+// at row offset (4k + c) * KCH / (8k + g) * VCH, so one cp.async instruction of the warp covers
+// whole 32-byte sectors (contiguous slices would fetch every sector twice).
+constexpr int KDPC = KS::PAIR ? KCH * 8 / K_BITS : KCH;        // dims per K chunk (if integral)
+constexpr int VDPC = VS::PAIR ? VCH * 8 / V_BITS : VCH;
+constexpr bool K_ILV = ASYNC && KNCH > 1 && (KCH * 8) % (KS::PAIR ? K_BITS : 8) == 0 && KDPC % 4 == 0;
+constexpr bool V_ILV = ASYNC && VNCH > 1 && (VCH * 8) % (VS::PAIR ? V_BITS : 8) == 0 && VDPC % 2 == 0;
+__device__ __forceinline__ u32 k_chunk_off(u32 c, int k) { return K_ILV ? (4 * k + c) * KCH : c * KS::KBYTES + k * KCH; }
+__device__ __forceinline__ u32 v_chunk_off(u32 g, int k) { return V_ILV ? (8 * k + g) * VCH : g * VS::VBYTES + k * VCH; }
+/// Head dim of local score-side dim t (0 .. D_BLK/4) of thread c in norm block b.
+__device__ __forceinline__ u32 kdim(int b, u32 c, u32 t) {
+    return b * 256 + (K_ILV ? ((t / KDPC) * 4 + c) * KDPC + t % KDPC : c * (D_BLK / 4) + t);
+}
+/// Head dim of local PV-side dim j (0 .. NTB) of column n in norm block b.
+__device__ __forceinline__ u32 vdim(int b, u32 n, u32 j) {
+    return b * 256 + (V_ILV ? ((j / VDPC) * 8 + n) * VDPC + j % VDPC : n * NTB + j);
+}
+constexpr int ST_K = 0;                                         // [2 tokens][NB][KNCH][32 lanes]
+constexpr int ST_V = ST_K + 2 * NB * KNCH * 32 * KCH;           // [4 tokens][NB][VNCH][32 lanes]
+constexpr int ST_N = ST_V + 4 * NB * VNCH * 32 * VCH;           // f32 [2 sides][16 tokens][NB]
+constexpr int STAGE_BYTES = ST_N + 2 * TILE * NB * 4;
+static_assert(STAGE_BYTES % 16 == 0, "stage alignment");
+constexpr int PIPE_OFF = TAB_WORDS;                             // words
+constexpr int PIPE_WORDS = WARPS * STAGES * STAGE_BYTES / 4;
+constexpr int QS_OFF = PIPE_OFF + PIPE_WORDS;                   // f32 [GQA][D] + amax [8]
+constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 8;
+constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
+constexpr int SMEM_WORDS = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
+
+/// Dynamic shared memory bytes tq_decode_split needs (read by the host).
+extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
+/// sizeof(DecodeParams), for the host to check its mirror.
+extern "C" __constant__ u32 tq_decode_params_bytes = sizeof(DecodeParams);
+
+// ---------------------------------------------------------------- small device helpers
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+}
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#if DTYPE == 0
+typedef float qtype;
+__device__ __forceinline__ float load_q(const qtype* p) { return *p; }
+__device__ __forceinline__ void store_o(qtype* p, float v) { *p = v; }
+#elif DTYPE == 1
+typedef u16 qtype;
+__device__ __forceinline__ float load_q(const qtype* p) { return f16_to_f32(*p); }
+__device__ __forceinline__ void store_o(qtype* p, float v) { *p = f32_to_f16(v); }
+#else
+typedef u16 qtype;
+__device__ __forceinline__ float load_q(const qtype* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void store_o(qtype* p, float v) { *p = f32_to_bf16(v); }
+#endif
+
+/// d = a * b + c, m16n8k16, f16 inputs, f32 accumulators; rows 8..15 of A are zero, so only
+/// the first two accumulators are kept.
+__device__ __forceinline__ void mma_rows8(float& c0, float& c1, u32 a0, u32 a2, u32 b0, u32 b1) {
+    float z2 = 0.0f, z3 = 0.0f; // rows 8..15: unused
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c0), "+f"(c1), "+f"(z2), "+f"(z3)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+/// Streams NBYTES (aligned to ALIGN) into little-endian words; missing tail bytes are zero.
+template <int NBYTES, int ALIGN>
+__device__ __forceinline__ void load_bytes(const u8* __restrict__ p, u32 (&w)[(NBYTES + 3) / 4]) {
+    if constexpr (ALIGN == 16) {
+#pragma unroll
+        for (int i = 0; i < NBYTES / 16; ++i) {
+            u32 a, b, c, d;
+            asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(p + 16 * i));
+            w[4 * i] = a; w[4 * i + 1] = b; w[4 * i + 2] = c; w[4 * i + 3] = d;
+        }
+    } else if constexpr (ALIGN == 8) {
+#pragma unroll
+        for (int i = 0; i < NBYTES / 8; ++i) {
+            u32 a, b;
+            asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];"
+                         : "=r"(a), "=r"(b) : "l"(p + 8 * i));
+            w[2 * i] = a; w[2 * i + 1] = b;
+        }
+    } else if constexpr (ALIGN == 4) {
+#pragma unroll
+        for (int i = 0; i < NBYTES / 4; ++i) w[i] = *(const u32*)(p + 4 * i);
+    } else if constexpr (ALIGN == 2) {
+#pragma unroll
+        for (int i = 0; i < (NBYTES + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < NBYTES / 2; ++i) w[i / 2] |= (u32)(*(const u16*)(p + 2 * i)) << (16 * (i & 1));
+    } else {
+#pragma unroll
+        for (int i = 0; i < (NBYTES + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < NBYTES; ++i) w[i / 4] |= (u32)p[i] << (8 * (i & 3));
+    }
+}
+
+/// Byte offset of the table entry held in field `i` (FIELD bits) of the stream `w`, for this lane:
+/// field * 128 + lane * 4. `lane4` = lane * 4.
+template <int FIELD, int I, int NW>
+__device__ __forceinline__ u32 field_off(const u32 (&w)[NW], u32 lane4) {
+    constexpr int bit = I * FIELD;
+    constexpr int word = bit / 32;
+    constexpr int sh = bit % 32;
+    constexpr u32 mask = ((1u << FIELD) - 1) << 7;
+    u32 x;
+    if constexpr (sh + FIELD <= 32) {
+        x = w[word];
+    } else {
+        x = (w[word] >> sh) | (w[word + 1] << (32 - sh));
+        return ((x << 7) & mask) | lane4;
+    }
+    if constexpr (sh >= 7) return ((x >> (sh - 7)) & mask) | lane4;
+    else return ((x << (7 - sh)) & mask) | lane4;
+}
+
+__device__ __forceinline__ u32 lds(const u8* base, u32 off) { return *(const u32*)(base + off); }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+template <int N>
+__device__ __forceinline__ void cp_async(u32 dst, const void* src) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+struct alignas(16) U4 { u32 x, y, z, w; };
+struct alignas(8) U2 { u32 x, y; };
+
+/// Reads NCH chunks of CH bytes (chunk k at base + (32k + lane) * CH) into little-endian words.
+template <int CH, int NCH, int NW>
+__device__ __forceinline__ void read_chunks(const u8* base, u32 lane, u32 (&w)[NW]) {
+#pragma unroll
+    for (int k = 0; k < NCH; ++k) {
+        const u8* q = base + (32 * k + lane) * CH;
+        if constexpr (CH == 16) {
+            const U4 v = *(const U4*)q;
+            w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+        } else if constexpr (CH == 8) {
+            const U2 v = *(const U2*)q;
+            w[2 * k] = v.x; w[2 * k + 1] = v.y;
+        } else {
+            w[k] = *(const u32*)q;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the split kernel
+
+/// Raw bytes of one 16-token tile for this thread (prefetched a tile ahead).
+struct Tile {
+    u32 k[2][NB][KS::KWORDS]; // K rows of tokens g, g+8: this thread's dims of each norm block
+    u32 v[4][NB][VS::VWORDS]; // V rows of tokens 2c, 2c+1, 2c+8, 2c+9: dims of column g
+    float kn[4][NB];          // K norms of tokens 2c, 2c+1, 2c+8, 2c+9
+    float vn[4][NB];          // V norms of the same tokens
+};
+
+struct SeqCtx {
+    const u8* kp;   // K packed rows of this (seq, head), slot 0
+    const u8* vp;
+    const float* kn;
+    const float* vn;
+    u32 end, cap;
+    bool ring;
+};
+
+__device__ __forceinline__ u32 slot_of(const SeqCtx& s, u32 pos, u32 pos0, u32 slot0) {
+    if (!s.ring) return pos;
+    u32 sl = slot0 + (pos - pos0);
+    while (sl >= s.cap) sl -= s.cap;
+    return sl;
+}
+
+/// Starts the loads of one 16-token tile into a pipeline stage (shared address `st`): K slices of
+/// tokens g, g+8; V slices of tokens 2c, 2c+1, 2c+8, 2c+9; the 16 tokens' norms (by lanes).
+/// Positions past the end are clamped to the last one (their scores are masked). Tiles wholly
+/// inside the sequence whose slots do not wrap take the fast path: one slot for the tile.
+__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st) {
+    const u32 slot0 = s.ring ? pos0 % s.cap : pos0;
+    const u32 last = s.end - 1;
+    const bool fast = pos0 + TILE <= s.end && slot0 + TILE <= s.cap;
+    if (ASYNC && fast) {
+        const u8* kr = s.kp + (u64)(slot0 + g) * KS::ROW;
+        const u8* vr = s.vp + (u64)(slot0 + 2 * c) * VS::ROW;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k)
+                    cp_async<KCH>(st + ST_K + (((n * NB + b) * KNCH + k) * 32 + lane) * KCH,
+                                  kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k));
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k)
+                    cp_async<VCH>(st + ST_V + (((r * NB + b) * VNCH + k) * 32 + lane) * VCH,
+                                  vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
+#pragma unroll
+        for (int i0 = 0; i0 < 2 * TILE * NB; i0 += 32) {
+            const u32 i = i0 + lane;
+            const u32 side = i / (TILE * NB), rem = i % (TILE * NB);
+            cp_async<4>(st + ST_N + i * 4, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem);
+        }
+        return;
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+        u32 pos = pos0 + g + 8 * n;
+        pos = pos < last ? pos : last;
+        const u8* row = s.kp + (u64)slot_of(s, pos, pos0, slot0) * KS::ROW;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const u32 dst = st + ST_K + ((n * NB + b) * KNCH * 32 + lane) * KCH;
+            if constexpr (ASYNC) {
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k));
+            } else {
+                u32 w[KS::KWORDS];
+                load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK + c * KS::KBYTES, w);
+#pragma unroll
+                for (int k = 0; k < KNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        u32 pos = pos0 + 2 * c + (r & 1) + 8 * (r >> 1);
+        pos = pos < last ? pos : last;
+        const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const u32 dst = st + ST_V + ((r * NB + b) * VNCH * 32 + lane) * VCH;
+            if constexpr (ASYNC) {
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k));
+            } else {
+                u32 w[VS::VWORDS];
+                load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK + g * VS::VBYTES, w);
+#pragma unroll
+                for (int k = 0; k < VNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+            }
+        }
+    }
+    for (u32 i = lane; i < 2 * TILE * NB; i += 32) {
+        const u32 side = i / (TILE * NB), t = (i / NB) % TILE, b = i % NB;
+        u32 pos = pos0 + t;
+        pos = pos < last ? pos : last;
+        const float* src = (side ? s.vn : s.kn) + (u64)slot_of(s, pos, pos0, slot0) * NB + b;
+        if constexpr (ASYNC) {
+            cp_async<4>(st + ST_N + i * 4, src);
+        } else {
+            asm volatile("st.shared.f32 [%0], %1;" ::"r"(st + ST_N + i * 4), "f"(__ldg(src)) : "memory");
+        }
+    }
+}
+
+/// Copies this thread's part of a landed stage (generic pointer `st`) into registers.
+__device__ __forceinline__ void read_tile(const u8* st, u32 lane, u32 c, Tile& t) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) read_chunks<KCH, KNCH>(st + ST_K + (n * NB + b) * KNCH * 32 * KCH, lane, t.k[n][b]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + ST_V + (r * NB + b) * VNCH * 32 * VCH, lane, t.v[r][b]);
+    const float* nrm = (const float*)(st + ST_N);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u32 tok = 2 * c + (r & 1) + 8 * (r >> 1);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            t.kn[r][b] = nrm[tok * NB + b];
+            t.vn[r][b] = nrm[(TILE + tok) * NB + b];
+        }
+    }
+}
+
+/// Half2 of score-side dims (4kb + 2h, 4kb + 2h + 1) of the thread's range in one norm block.
+template <int KBI, int H>
+__device__ __forceinline__ u32 k_pair(const u32 (&w)[KS::KWORDS], const u8* tab, u32 lane4) {
+    if constexpr (KS::PAIR) {
+        return lds(tab, field_off<KS::FIELD, 2 * KBI + H>(w, lane4));
+    } else {
+        const u32 lo = lds(tab, field_off<8, 4 * KBI + 2 * H>(w, lane4));
+        const u32 hi = lds(tab, field_off<8, 4 * KBI + 2 * H + 1>(w, lane4));
+        return __byte_perm(lo, hi, 0x5410);
+    }
+}
+
+/// Values of PV-side dims (2jp, 2jp+1) of column g for one token: half2 (pair mode) or two f16 in
+/// the low halves of lo/hi (single mode).
+template <int JP>
+__device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab, u32 lane4, u32& lo, u32& hi) {
+    if constexpr (VS::PAIR) {
+        const u32 h = lds(tab, field_off<VS::FIELD, JP>(w, lane4));
+        lo = h;        // dim 2jp in the low half
+        hi = h >> 16;  // dim 2jp+1 in the low half
+    } else {
+        lo = lds(tab, field_off<8, 2 * JP>(w, lane4));
+        hi = lds(tab, field_off<8, 2 * JP + 1>(w, lane4));
+    }
+}
+
+/// Score mma chunks KBI.. of one norm block: (a0, a1) += Q^ x K-centroids (8 tokens).
+/// Two accumulator pairs (even / odd chunks) halve the dependent mma chain.
+template <int KBI>
+__device__ __forceinline__ void score_chunks(float (&a)[2][2], const u32 (&qa)[KB][2], const u32 (&w)[KS::KWORDS],
+                                             const u8* tab, u32 lane4) {
+    if constexpr (KBI < KB) {
+        const u32 b0 = k_pair<KBI, 0>(w, tab, lane4);
+        const u32 b1 = k_pair<KBI, 1>(w, tab, lane4);
+        mma_rows8(a[KBI & 1][0], a[KBI & 1][1], qa[KBI][0], qa[KBI][1], b0, b1);
+        score_chunks<KBI + 1>(a, qa, w, tab, lane4);
+    }
+}
+
+/// PV mma n-tiles 2JP.. of one norm block: o += P' x V-centroids of tokens (2c, 2c+1 | 2c+8, 2c+9).
+template <int JP>
+__device__ __forceinline__ void pv_pairs(float (&o)[NTB][2], u32 pa0, u32 pa1, const u32 (&v0)[VS::VWORDS],
+                                         const u32 (&v1)[VS::VWORDS], const u32 (&v2)[VS::VWORDS],
+                                         const u32 (&v3)[VS::VWORDS], const u8* tab, u32 lane4) {
+    if constexpr (JP < NTB / 2) {
+        u32 lo[4], hi[4];
+        v_pair<JP>(v0, tab, lane4, lo[0], hi[0]);
+        v_pair<JP>(v1, tab, lane4, lo[1], hi[1]);
+        v_pair<JP>(v2, tab, lane4, lo[2], hi[2]);
+        v_pair<JP>(v3, tab, lane4, lo[3], hi[3]);
+        mma_rows8(o[2 * JP][0], o[2 * JP][1], pa0, pa1, __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(lo[2], lo[3], 0x5410));
+        mma_rows8(o[2 * JP + 1][0], o[2 * JP + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], 0x5410),
+                  __byte_perm(hi[2], hi[3], 0x5410));
+        pv_pairs<JP + 1>(o, pa0, pa1, v0, v1, v2, v3, tab, lane4);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const DecodeParams p) {
+    extern __shared__ u32 smem[];
+    const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 g = lane >> 2, c = lane & 3, lane4 = lane * 4;
+
+    const u32 len = ((const u32*)p.seq_lens)[seq];
+    const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
+    u32 start = 0;
+    if (ring && len > p.capacity) start = len - p.capacity;
+    if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
+    const u32 ntiles = (len - start + TILE - 1) / TILE;
+    const u32 per = (ntiles + p.num_splits - 1) / p.num_splits;
+    const u32 t_begin = split * per < ntiles ? split * per : ntiles;
+    const u32 t_end = t_begin + per < ntiles ? t_begin + per : ntiles;
+
+    const u64 pair_idx = (u64)seq * p.num_kv_heads + kvh;
+    const u64 part_base = (pair_idx * p.num_splits + split) * GQA;
+    float* part_o = (float*)p.part_o + part_base * D;
+    float* part_ml = (float*)p.part_ml + part_base * 2;
+
+    if (t_begin >= t_end) {
+        for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = 0.0f;
+        if (tid < GQA) {
+            part_ml[2 * tid] = -__int_as_float(0x7f800000);
+            part_ml[2 * tid + 1] = 0.0f;
+        }
+        return;
+    }
+
+    SeqCtx s;
+    {
+        const u64 head_slot0 = pair_idx * p.capacity;
+        s.kp = (const u8*)p.k_packed + head_slot0 * KS::ROW;
+        s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
+        s.kn = (const float*)p.k_norms + head_slot0 * NB;
+        s.vn = (const float*)p.v_norms + head_slot0 * NB;
+        s.end = len;
+        s.cap = p.capacity;
+        s.ring = ring;
+    }
+
+    // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
+    {
+        const u32 tile0 = t_begin + warp;
+        const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+        const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+#pragma unroll
+        for (int i = 0; i < STAGES - 1; ++i) {
+            if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + i * STAGE_BYTES);
+            cp_async_commit();
+        }
+    }
+    // Codebook tables (f16), lane-replicated.
+    {
+        const float* cbk = (const float*)p.k_codebook;
+        for (u32 i = tid; i < KS::TAB_WORDS; i += THREADS) {
+            const u32 e = i >> 5;
+            smem[TAB_K_OFF + i] = KS::PAIR ? pack_h2(cbk[e & ((1u << K_BITS) - 1)], cbk[e >> K_BITS])
+                                           : (u32)f32_to_f16(cbk[e]);
+        }
+        if constexpr (!SHARED_TAB) {
+            const float* cbv = (const float*)p.v_codebook;
+            for (u32 i = tid; i < VS::TAB_WORDS; i += THREADS) {
+                const u32 e = i >> 5;
+                smem[TAB_V_OFF + i] = VS::PAIR ? pack_h2(cbv[e & ((1u << V_BITS) - 1)], cbv[e >> V_BITS])
+                                               : (u32)f32_to_f16(cbv[e]);
+            }
+        }
+    }
+    // Rotate the group's queries: qs = FWHT(D q) (unnormalized), amax = max |qs| per head.
+    float* qs = (float*)(smem + QS_OFF);
+    float* amax = qs + GQA * D;
+    {
+        const float* signs = (const float*)p.signs;
+        const qtype* q = (const qtype*)p.q + ((u64)seq * p.num_kv_heads * GQA + (u64)kvh * GQA) * D;
+        for (u32 i = tid; i < GQA * D; i += THREADS) qs[i] = load_q(q + i) * signs[i % D];
+        __syncthreads();
+#pragma unroll 1
+        for (u32 h = 1; h < D; h <<= 1) {
+            for (u32 i = tid; i < GQA * D / 2; i += THREADS) {
+                const u32 hd = i / (D / 2), k = i % (D / 2);
+                const u32 j = hd * D + (k / h) * 2 * h + (k % h);
+                const float a = qs[j], b = qs[j + h];
+                qs[j] = a + b;
+                qs[j + h] = a - b;
+            }
+            __syncthreads();
+        }
+        for (u32 hd = warp; hd < GQA; hd += WARPS) {
+            float m = 0.0f;
+            for (u32 i = lane; i < D; i += 32) m = fmaxf(m, fabsf(qs[hd * D + i]));
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            if (lane == 0) amax[hd] = m;
+        }
+        __syncthreads();
+    }
+    // Score-side A fragments: row g = query head, k slots (2c, 2c+1 | 2c+8, 2c+9) of chunk kb in
+    // block b <-> dims b*256 + c*D_BLK/4 + 4kb + (0, 1 | 2, 3).
+    u32 qa[NB][KB][2];
+    float kq = 0.0f; // scale * inv_sqrt_d * amax: turns the mma sum into the logit
+    {
+        const float am = g < GQA ? amax[g] : 0.0f;
+        const float inv = am > 0.0f ? 1.0f / am : 0.0f;
+        kq = p.scale * INV_SQRT_D * am;
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int kb = 0; kb < KB; ++kb) {
+                const float* r = qs + (g < GQA ? g : 0) * D;
+                const u32 d0 = kdim(b, c, 4 * kb), d2 = kdim(b, c, 4 * kb + 2);
+                qa[b][kb][0] = g < GQA ? pack_h2(r[d0] * inv, r[d0 + 1] * inv) : 0u;
+                qa[b][kb][1] = g < GQA ? pack_h2(r[d2] * inv, r[d2 + 1] * inv) : 0u;
+            }
+    }
+    const float kg = NB == 1 ? INV_SQRT_D : p.inv_sf;       // norm -> per-coordinate scale
+    const float vg = kg * p.pv_scale;
+    const float softcap = p.softcap;
+    const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+    const u8* tab_k = (const u8*)(smem + TAB_K_OFF);
+    const u8* tab_v = (const u8*)(smem + TAB_V_OFF);
+
+    float o[NB][NTB][2]; // PV accumulators: n-tile (b, j), columns 2c, 2c+1; row g
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int j = 0; j < NTB; ++j) o[b][j][0] = o[b][j][1] = 0.0f;
+    float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
+
+    const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
+    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+    const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+#pragma unroll 1
+    for (int i = 0; i < n_mine; ++i) {
+        __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
+        const int ia = i + STAGES - 1;
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + (ia % STAGES) * STAGE_BYTES);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();
+        Tile cur;
+        read_tile(pipe_g + (i % STAGES) * STAGE_BYTES, lane, c, cur);
+        const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
+
+        // Scores: sc[n][j] for tokens 8n + 2c + j, head g.
+        float sc[2][NB][2];
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                float a[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+                score_chunks<0>(a, qa[b], cur.k[n][b], tab_k, lane4);
+                sc[n][b][0] = a[0][0] + a[1][0];
+                sc[n][b][1] = a[0][1] + a[1][1];
+            }
+        float t[4];
+        float mt = -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int n = r >> 1, j = r & 1;
+            float acc = 0.0f;
+#pragma unroll
+            for (int b = 0; b < NB; ++b) acc += sc[n][b][j] * cur.kn[r][b];
+            float x = acc * kg * kq;
+            if (softcap > 0.0f) {
+                const float e = ex2(2.0f * LOG2E * x * inv_cap);
+                x = softcap * (1.0f - 2.0f / (e + 1.0f));
+            }
+            x *= LOG2E;
+            const u32 pos = pos0 + 8 * n + 2 * c + j;
+            t[r] = pos < s.end ? x : -__int_as_float(0x7f800000);
+            mt = fmaxf(mt, t[r]);
+        }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+        const float m_new = fmaxf(m_run, mt);
+        const float corr = ex2(m_run - m_new);
+        m_run = m_new;
+        float pr[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pr[r] = ex2(t[r] - m_new);
+        l_run = l_run * corr + (pr[0] + pr[1]) + (pr[2] + pr[3]);
+        if (__any_sync(0xffffffffu, corr != 1.0f)) {
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int j = 0; j < NTB; ++j) {
+                    o[b][j][0] *= corr;
+                    o[b][j][1] *= corr;
+                }
+        }
+        // PV per norm block: A = P' (row g, tokens 2c, 2c+1 | 2c+8, 2c+9), B = values of column g.
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const u32 pa0 = pack_h2(pr[0] * cur.vn[0][b] * vg, pr[1] * cur.vn[1][b] * vg);
+            const u32 pa1 = pack_h2(pr[2] * cur.vn[2][b] * vg, pr[3] * cur.vn[3][b] * vg);
+            pv_pairs<0>(o[b], pa0, pa1, cur.v[0][b], cur.v[1][b], cur.v[2][b], cur.v[3][b], tab_v, lane4);
+        }
+    }
+    cp_async_wait<0>();
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+
+    // Merge the warps' states in shared memory (the tables are dead now).
+    __syncthreads();
+    float* sm_o = (float*)smem;                 // [WARPS][GQA][D]
+    float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
+    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
+    if (g < GQA) {
+        if (c == 0) {
+            sm_m[warp * 8 + g] = m_run;
+            sm_l[warp * 8 + g] = l_run;
+        }
+        float* row = sm_o + (warp * GQA + g) * D;
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int j = 0; j < NTB; ++j) {
+                row[vdim(b, 2 * c, j)] = o[b][j][0];
+                row[vdim(b, 2 * c + 1, j)] = o[b][j][1];
+            }
+    }
+    __syncthreads();
+    for (u32 i = tid; i < GQA * D; i += THREADS) {
+        const u32 h = i / D;
+        float mx = -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * 8 + h]);
+        float acc = 0.0f, l = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float mw = sm_m[w * 8 + h];
+            const float f = mw == -__int_as_float(0x7f800000) ? 0.0f : ex2(mw - mx);
+            acc += f * sm_o[(w * GQA) * D + i];
+            l += f * sm_l[w * 8 + h];
+        }
+        part_o[i] = acc;
+        if (i % D == 0) {
+            part_ml[2 * h] = mx;
+            part_ml[2 * h + 1] = l;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the merge kernel
+
+extern "C" __global__ void __launch_bounds__(D) tq_decode_merge(const DecodeParams p) {
+    __shared__ float x[D];
+    const u32 hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
+    const u32 kvh = hq / GQA, h = hq % GQA;
+    const u64 base = ((u64)seq * p.num_kv_heads + kvh) * p.num_splits * GQA + h; // + split * GQA
+    const float* part_o = (const float*)p.part_o;
+    const float* part_ml = (const float*)p.part_ml;
+    const float ninf = -__int_as_float(0x7f800000);
+    float mx = ninf;
+    for (u32 sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, part_ml[2 * (base + sp * GQA)]);
+    float acc = 0.0f, l = 0.0f;
+    if (mx != ninf) {
+        for (u32 sp = 0; sp < p.num_splits; ++sp) {
+            const u64 k = base + sp * GQA;
+            const float ms = part_ml[2 * k];
+            if (ms == ninf) continue;
+            const float f = ex2(ms - mx);
+            l += f * part_ml[2 * k + 1];
+            acc += f * part_o[k * D + i];
+        }
+    }
+    x[i] = l > 0.0f ? acc / (l * p.pv_scale) : 0.0f;
+    __syncthreads();
+    // Inverse rotation o = D H x: butterflies, * inv_sqrt_d, * signs.
+#pragma unroll 1
+    for (u32 hs = 1; hs < D; hs <<= 1) {
+        float a = x[i], b = x[i ^ hs];
+        __syncthreads();
+        x[i] = (i & hs) ? b - a : a + b;
+        __syncthreads();
+    }
+    const float y = x[i] * INV_SQRT_D * ((const float*)p.signs)[i];
+    store_o((qtype*)p.out + ((u64)seq * p.num_kv_heads * GQA + hq) * D + i, y);
+}
