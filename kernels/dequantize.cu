@@ -2,16 +2,14 @@
 // (src/cpu/dequantize.rs).
 //
 // Compile-time constants: HEAD_DIM, BITS, OUT_DTYPE (0 f32, 1 f16, 2 bf16), ORIGINAL (1: apply
-// the inverse rotation), VPW (vectors per warp per step, loaded before any is processed).
-// Block: WARPS warps; one warp per vector v = h * n_tokens + t.
+// the inverse rotation), VPW (vectors per lane group per step, loaded before any is processed).
+// Block: WARPS warps; LPV lanes per vector v = h * n_tokens + t.
 
 #define WARPS 8
 #define OUT_SIZE DT_SIZE(OUT_DTYPE)
-// Stream bits of the lane's E indices: lane l holds bits l*LANE_BITS .. (l+1)*LANE_BITS - 1.
-#define LANE_BITS (E * SB)
-// Whole, aligned words per lane; otherwise a 64-bit window of two words, shifted to the lane.
+// The lane's index bits as whole aligned words, or else a 64-bit window of two row words shifted
+// to the lane's first bit (3-bit rows with E = 16: 48 bits at a 0- or 16-bit offset).
 #define LANE_ALIGNED (LANE_BITS % 32 == 0)
-#define LANE_WORDS (LANE_ALIGNED ? LANE_BITS / 32 : 2)
 
 // Mirrors DequantizeParams in src/cuda/params.rs field by field.
 struct DequantizeParams {
@@ -26,13 +24,14 @@ struct DequantizeParams {
     u32 pad;
 };
 
-// Loads the lane's index bits of one packed row (ROW_WORDS words) into lw, bit 0 = its first index.
-__device__ __forceinline__ void load_lane_bits(const u8* __restrict__ row, int lane, u32 (&lw)[LANE_WORDS]) {
+// Loads the lane's index bits of one packed row into lw, bit 0 = its first index.
+__device__ __forceinline__ void load_lane_bits(const u8* __restrict__ row, int sub, u32 (&lw)[LANE_WORDS + 1]) {
+    lw[LANE_WORDS] = 0;
 #if LANE_ALIGNED
-    load_bytes<LANE_BITS / 8>(row + lane * (LANE_BITS / 8), lw);
+    load_bytes<LANE_BYTES>(row + sub * LANE_BYTES, lw);
 #else
     const u32* row32 = reinterpret_cast<const u32*>(row);
-    const int b0 = lane * LANE_BITS;
+    const int b0 = sub * LANE_BITS;
     const int wi = b0 >> 5;
     const u64 lo = __ldg(row32 + wi);
     const u64 hi = (LANE_BITS + (b0 & 31) > 32 && wi + 1 < ROW_WORDS) ? __ldg(row32 + wi + 1) : 0u;
@@ -40,16 +39,6 @@ __device__ __forceinline__ void load_lane_bits(const u8* __restrict__ row, int l
     lw[0] = (u32)win;
     lw[1] = (u32)(win >> 32);
 #endif
-}
-
-// Index i (0 <= i < E) of the lane's bits.
-__device__ __forceinline__ u32 lane_index(const u32 (&lw)[LANE_WORDS], int i) {
-    const int bp = i * SB;
-    const int w = bp >> 5;
-    const int off = bp & 31;
-    u32 v = lw[w] >> off;
-    if (off + SB > 32) v |= lw[w + 1] << (32 - off);
-    return v & ((1u << BITS) - 1u);
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -62,31 +51,37 @@ tq_dequantize(const u8* __restrict__ packed, const float* __restrict__ norms, u8
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
+    const int sub = lane % LPV;
+    const int group = lane / LPV;
 #if ORIGINAL
-    float sg[E];
+    // inv_sqrt_d * s_i is exactly +-inv_sqrt_d, and (y * inv) * s == y * (inv * s) bit for bit.
+    float sinv[E];
 #pragma unroll
-    for (int i = 0; i < E; ++i) sg[i] = __ldg(signs + lane * E + i);
+    for (int i = 0; i < E; ++i) sinv[i] = __fmul_rn(p.inv_sqrt_d, __ldg(signs + sub * E + i));
 #endif
     constexpr int OUT_BYTES = E * OUT_SIZE;
-    const u64 stride = (u64)gridDim.x * WARPS * VPW;
-    for (u64 base = ((u64)blockIdx.x * WARPS + warp) * VPW; base < p.n_vectors; base += stride) {
-        u32 lw[VPW][LANE_WORDS];
+    constexpr u64 PER_WARP = (u64)GROUPS * VPW;
+    const u64 stride = (u64)gridDim.x * WARPS * PER_WARP;
+    for (u64 base = ((u64)blockIdx.x * WARPS + warp) * PER_WARP; base < p.n_vectors; base += stride) {
+        // Group g takes vectors base + k * GROUPS + g; past the end it recomputes the last vector
+        // and stores nothing (shuffles need every lane).
+        u32 lw[VPW][LANE_WORDS + 1];
         float nr[VPW];
+        u64 vv[VPW];
+        bool valid[VPW];
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            const u64 v = base + k;
-            if (v < p.n_vectors) {
-                u64 h, t;
-                divmod(v, p.n_tokens, h, t);
-                const u64 pos = h * p.capacity + p.start_pos + t;
-                load_lane_bits(packed + pos * (u64)(ROW_WORDS * 4), lane, lw[k]);
-                nr[k] = __ldg(norms + pos * NORMS_PER_POS + lane / LANES_PER_NORM);
-            }
+            const u64 v0 = base + (u64)k * GROUPS + group;
+            valid[k] = v0 < p.n_vectors;
+            vv[k] = valid[k] ? v0 : p.n_vectors - 1;
+            u64 h, t;
+            divmod(vv[k], p.n_tokens, h, t);
+            const u64 pos = h * p.capacity + p.start_pos + t;
+            load_lane_bits(packed + pos * (u64)ROW_BYTES, sub, lw[k]);
+            nr[k] = __ldg(norms + pos * NORMS_PER_POS + sub / LANES_PER_NORM);
         }
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            const u64 v = base + k;
-            if (v >= p.n_vectors) break;
 #if HEAD_DIM > 256
             const float g = __fdiv_rn(nr[k], p.scale_factor);
 #else
@@ -98,8 +93,9 @@ tq_dequantize(const u8* __restrict__ packed, const float* __restrict__ norms, u8
 #if ORIGINAL
             fwht_warp(y, lane);
 #pragma unroll
-            for (int i = 0; i < E; ++i) y[i] = __fmul_rn(__fmul_rn(y[i], p.inv_sqrt_d), sg[i]);
+            for (int i = 0; i < E; ++i) y[i] = __fmul_rn(y[i], sinv[i]);
 #endif
+            if (!valid[k]) continue;
             u32 ow[WORDS_OF(OUT_BYTES)];
 #if OUT_DTYPE == DT_F32
 #pragma unroll
@@ -117,7 +113,7 @@ tq_dequantize(const u8* __restrict__ packed, const float* __restrict__ norms, u8
                 ow[i / 2] |= b16 << (16 * (i & 1));
             }
 #endif
-            store_bytes<OUT_BYTES>(dst + (v * HEAD_DIM + lane * E) * OUT_SIZE, ow);
+            store_bytes<OUT_BYTES>(dst + (vv[k] * HEAD_DIM + sub * E) * OUT_SIZE, ow);
         }
     }
 }

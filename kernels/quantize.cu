@@ -1,14 +1,11 @@
 // Quantize: n_write x num_kv_heads vectors -> packed rows + f32 norms (src/cpu/quantize.rs).
 //
-// Compile-time constants: HEAD_DIM, BITS, IN_DTYPE (0 f32, 1 f16, 2 bf16), VPW (vectors per warp
-// per step, loaded before any is processed). Block: WARPS warps; one warp per vector.
+// Compile-time constants: HEAD_DIM, BITS, IN_DTYPE (0 f32, 1 f16, 2 bf16), VPW (vectors per lane
+// group per step, loaded before any is processed). Block: WARPS warps; LPV lanes per vector.
 // Grid-stride over vectors v = j * num_kv_heads + h (source token skip + j, head h).
 
 #define WARPS 8
 #define IN_SIZE DT_SIZE(IN_DTYPE)
-// Cells of the index-guess table for BITS >= 5 (see nearest_index).
-#define GUESS_CELLS 1024
-#define TABLE_SEARCH (BITS >= 5)
 
 // Mirrors QuantizeParams in src/cuda/params.rs field by field.
 struct QuantizeParams {
@@ -20,80 +17,57 @@ struct QuantizeParams {
     float sqrt_d;         // sqrt(HEAD_DIM) as f32
     float inv_sqrt_d;     // (1 / sqrt(HEAD_DIM) as f64) as f32
     float scale_factor;   // scale_factor_d512 (HEAD_DIM > 256)
-    float table_lo;       // guess table: cell = (u - table_lo) * table_inv_width
-    float table_inv_width;
 };
 
-// Number of boundaries strictly below u (NaN -> 0), exactly the CPU's index.
-__device__ __forceinline__ int nearest_index(const float* s_b, const u8* s_tab, float u,
-                                             const QuantizeParams& p) {
-#if TABLE_SEARCH
-    // Any guess in 0..=N_BOUNDARIES gives the exact count; the table only makes it close.
-    float f = __fmul_rn(__fsub_rn(u, p.table_lo), p.table_inv_width);
-    f = fminf(fmaxf(f, 0.0f), (float)(GUESS_CELLS - 1));
-    int t = s_tab[(int)f];
-    while (t < N_BOUNDARIES && s_b[t] < u) ++t;
-    while (t > 0 && !(s_b[t - 1] < u)) --t;
-    return t;
-#else
-    // The CPU's branch-free binary search.
-    int idx = 0;
+// Number of boundaries strictly below u (NaN -> 0), exactly the CPU's index: a branch-free
+// search of the boundaries in Eytzinger order (s_eyt[1..2^BITS), node k's children 2k, 2k+1),
+// so the lanes of one step read neighbouring words.
+__device__ __forceinline__ int nearest_index(const float* s_eyt, float u) {
+    int k = 1;
 #pragma unroll
-    for (int step = (N_BOUNDARIES + 1) / 2; step > 0; step /= 2) {
-        if (s_b[idx + step - 1] < u) idx += step;
-    }
-    return idx;
-#endif
+    for (int level = 0; level < BITS; ++level) k = 2 * k + (s_eyt[k] < u ? 1 : 0);
+    return k - N_CENTROIDS;
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
             u64* __restrict__ status, const float* __restrict__ signs,
-            const float* __restrict__ boundaries, const u8* __restrict__ guess,
-            const QuantizeParams p) {
-    __shared__ float s_b[N_BOUNDARIES];
-#if TABLE_SEARCH
-    __shared__ u8 s_tab[GUESS_CELLS];
-    for (int i = threadIdx.x; i < GUESS_CELLS; i += blockDim.x) s_tab[i] = guess[i];
-#else
-    const u8* s_tab = nullptr;
-#endif
-    __shared__ __align__(16) u8 s_idx[WARPS][HEAD_DIM];
-    for (int i = threadIdx.x; i < N_BOUNDARIES; i += blockDim.x) s_b[i] = boundaries[i];
+            const float* __restrict__ eytzinger, const QuantizeParams p) {
+    // [0] unused; [1..2^BITS) the boundaries in Eytzinger order.
+    __shared__ float s_eyt[N_CENTROIDS];
+    for (int i = threadIdx.x; i < N_CENTROIDS; i += blockDim.x) s_eyt[i] = eytzinger[i];
     __syncthreads();
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    u8* my_idx = s_idx[warp];
+    const int sub = lane % LPV;
+    const int group = lane / LPV;
     float sg[E];
 #pragma unroll
-    for (int i = 0; i < E; ++i) sg[i] = __ldg(signs + lane * E + i);
+    for (int i = 0; i < E; ++i) sg[i] = __ldg(signs + sub * E + i);
 
     constexpr int IN_BYTES = E * IN_SIZE;
-    const u64 stride = (u64)gridDim.x * WARPS * VPW;
-    for (u64 base = ((u64)blockIdx.x * WARPS + warp) * VPW; base < p.n_vectors; base += stride) {
+    constexpr u64 PER_WARP = (u64)GROUPS * VPW;
+    const u64 stride = (u64)gridDim.x * WARPS * PER_WARP;
+    for (u64 base = ((u64)blockIdx.x * WARPS + warp) * PER_WARP; base < p.n_vectors; base += stride) {
+        // Load phase: group g takes vectors base + k * GROUPS + g (a warp reads contiguous rows).
+        // Past the end, a group recomputes the last vector and stores nothing (shuffles need
+        // every lane).
         u32 raw[VPW][WORDS_OF(IN_BYTES)];
         u64 jv[VPW], hv[VPW];
+        bool valid[VPW];
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            const u64 v = base + k;
-            if (v < p.n_vectors) {
-                divmod(v, p.num_kv_heads, jv[k], hv[k]);
-                const u64 j = jv[k], h = hv[k];
-                const u64 t = p.skip + j;
-                const u8* row = src + ((t * p.num_kv_heads + h) * HEAD_DIM + lane * E) * IN_SIZE;
-                load_bytes<IN_BYTES>(row, raw[k]);
-            }
+            const u64 v0 = base + (u64)k * GROUPS + group;
+            valid[k] = v0 < p.n_vectors;
+            const u64 v = valid[k] ? v0 : p.n_vectors - 1;
+            divmod(v, p.num_kv_heads, jv[k], hv[k]);
+            const u64 t = p.skip + jv[k];
+            const u8* row = src + ((t * p.num_kv_heads + hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
+            load_bytes<IN_BYTES>(row, raw[k]);
         }
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            const u64 v = base + k;
-            if (v >= p.n_vectors) break;
-            const u64 j = jv[k], h = hv[k];
-            u64 slot = (u64)p.first_slot + j;
-            if (slot >= p.capacity) slot -= p.capacity;
-            const u64 pos = h * p.capacity + slot;
-
             // 1. y = H(D x): signs, butterflies, then inv_sqrt_d.
             float x[E];
 #pragma unroll
@@ -119,54 +93,36 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
 #if HEAD_DIM > 256
             nrm = __fdiv_rn(nrm, 16.0f);
             const float scale = nrm > 1e-10f ? __fdiv_rn(p.scale_factor, nrm) : 0.0f;
+            // One vector per warp here: any bad block fails the vector.
+            const bool bad = __any_sync(FULL_MASK, !is_finite(nrm));
 #else
             const float scale = nrm > 1e-10f ? __fdiv_rn(p.sqrt_d, nrm) : 0.0f;
+            const bool bad = !is_finite(nrm);
 #endif
-            if (__any_sync(FULL_MASK, !is_finite(nrm))) {
+            if (!valid[k]) continue;
+            const u64 j = jv[k], h = hv[k];
+            if (bad) {
                 // Leave the slot unwritten; report the first bad (token, head) as t * heads + h.
-                if (lane == 0) atomicMin(status, (p.skip + j) * p.num_kv_heads + h);
+                if (sub == 0) atomicMin(status, (p.skip + j) * p.num_kv_heads + h);
                 continue;
             }
-            if (lane % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + lane / LANES_PER_NORM] = nrm;
+            u64 slot = (u64)p.first_slot + j;
+            if (slot >= p.capacity) slot -= p.capacity;
+            const u64 pos = h * p.capacity + slot;
+            if (sub % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + sub / LANES_PER_NORM] = nrm;
 
-            // 3. Indices, staged per warp in shared memory as one byte each.
-            u32 iw[WORDS_OF(E)];
+            // 3. Indices, packed in registers into the lane's stream bits, and 4. stored.
+            u32 lw[LANE_WORDS + 1];
 #pragma unroll
-            for (int q = 0; q < WORDS_OF(E); ++q) iw[q] = 0;
+            for (int q = 0; q <= LANE_WORDS; ++q) lw[q] = 0;
 #pragma unroll
             for (int i = 0; i < E; ++i) {
-                const u32 idx = (u32)nearest_index(s_b, s_tab, __fmul_rn(x[i], scale), p);
-                iw[i / 4] |= idx << (8 * (i % 4));
+                const u32 idx = (u32)nearest_index(s_eyt, __fmul_rn(x[i], scale));
+                const int bp = i * SB;
+                lw[bp >> 5] |= idx << (bp & 31);
+                if ((bp & 31) + SB > 32) lw[(bp >> 5) + 1] |= idx >> (32 - (bp & 31));
             }
-            __syncwarp();
-            store_bytes<E>(my_idx + lane * E, iw);
-            __syncwarp();
-
-            // 4. Pack: word w of the row holds stream bits 32w .. 32w + 31.
-            u32* row = reinterpret_cast<u32*>(packed + pos * (u64)(ROW_WORDS * 4));
-            for (int w = lane; w < ROW_WORDS; w += 32) {
-                u32 word = 0;
-#if SB == 3
-                const int j0 = (32 * w) / 3;
-#pragma unroll
-                for (int q = 0; q < 12; ++q) {
-                    const int jj = j0 + q;
-                    const int bp = 3 * jj - 32 * w;
-                    if (jj < HEAD_DIM && bp < 32) {
-                        const u32 id = my_idx[jj];
-                        word |= bp >= 0 ? (id << bp) : (id >> -bp);
-                    }
-                }
-#else
-                constexpr int IPW = 32 / SB;  // indices per word: 4, 8 or 16
-                u32 b[IPW / 4];
-#pragma unroll
-                for (int q = 0; q < IPW / 4; ++q) b[q] = reinterpret_cast<const u32*>(my_idx + w * IPW)[q];
-#pragma unroll
-                for (int q = 0; q < IPW; ++q) word |= ((b[q / 4] >> (8 * (q % 4))) & 0xffu) << (SB * q);
-#endif
-                row[w] = word;
-            }
+            store_bytes<LANE_BYTES>(packed + pos * (u64)ROW_BYTES + sub * LANE_BYTES, lw);
         }
     }
 }

@@ -539,6 +539,7 @@ fn every_kernel_variant_compiles_with_nvrtc() {
                 family: Family::Quantize,
                 defines: vec![
                     ("HEAD_DIM", d),
+                    ("LANE_ELEMS", (d / 32).max(16)),
                     ("BITS", bits as i64),
                     ("IN_DTYPE", d % 3),
                     ("VPW", 2),
@@ -548,6 +549,7 @@ fn every_kernel_variant_compiles_with_nvrtc() {
                 family: Family::Dequantize,
                 defines: vec![
                     ("HEAD_DIM", d),
+                    ("LANE_ELEMS", (d / 32).max(16)),
                     ("BITS", bits as i64),
                     ("OUT_DTYPE", d % 3),
                     ("ORIGINAL", d / 32 % 2),

@@ -19,8 +19,6 @@ use crate::layout::Side;
 const WARPS: u32 = 8;
 /// Resident blocks per SM the grid-stride launch aims for.
 const BLOCKS_PER_SM: u32 = 8;
-/// Cells of the index-guess table (`GUESS_CELLS` in kernels/quantize.cu).
-const GUESS_CELLS: usize = 1024;
 /// "No non-finite vector seen" in the quantize status word.
 const STATUS_CLEAR: u64 = u64::MAX;
 
@@ -28,31 +26,33 @@ const STATUS_CLEAR: u64 = u64::MAX;
 #[derive(Debug)]
 struct SideTables {
     centroids: CudaSlice<f32>,
-    boundaries: CudaSlice<f32>,
-    /// `[GUESS_CELLS]` u8: boundaries below each cell's centre (a starting guess only).
-    guess: CudaSlice<u8>,
-    table_lo: f32,
-    table_inv_width: f32,
+    /// `[2^bits]` f32: `[0]` unused, `[1..]` the boundaries in Eytzinger (breadth-first) order.
+    eytzinger: CudaSlice<f32>,
+}
+
+/// Writes the sorted `sorted[*next..]` into the subtree of node `k` of `eyt` (in-order walk).
+fn fill_eytzinger(sorted: &[f32], next: &mut usize, eyt: &mut [f32], k: usize) {
+    if k < eyt.len() {
+        fill_eytzinger(sorted, next, eyt, 2 * k);
+        eyt[k] = sorted[*next];
+        *next += 1;
+        fill_eytzinger(sorted, next, eyt, 2 * k + 1);
+    }
+}
+
+/// The boundaries `2^bits - 1` (a complete tree) in Eytzinger order, 1-indexed.
+fn eytzinger(boundaries: &[f32]) -> Vec<f32> {
+    let mut eyt = vec![0f32; boundaries.len() + 1];
+    fill_eytzinger(boundaries, &mut 0, &mut eyt, 1);
+    eyt
 }
 
 impl SideTables {
     fn new(stream: &Arc<CudaStream>, cb: &Codebook) -> Result<Self> {
-        let b = &cb.boundaries;
-        let lo = b[0] as f64;
-        let width = (b[b.len() - 1] as f64 - lo).max(f64::MIN_POSITIVE) / GUESS_CELLS as f64;
-        let guess: Vec<u8> = (0..GUESS_CELLS)
-            .map(|c| {
-                let centre = lo + (c as f64 + 0.5) * width;
-                b.iter().filter(|&&t| (t as f64) < centre).count() as u8
-            })
-            .collect();
         let up = |e| driver_err("cuda codec: upload tables", e);
         Ok(Self {
             centroids: stream.clone_htod(&cb.centroids).map_err(up)?,
-            boundaries: stream.clone_htod(b).map_err(up)?,
-            guess: stream.clone_htod(&guess).map_err(up)?,
-            table_lo: lo as f32,
-            table_inv_width: (1.0 / width) as f32,
+            eytzinger: stream.clone_htod(&eytzinger(&cb.boundaries)).map_err(up)?,
         })
     }
 }
@@ -78,9 +78,26 @@ fn dtype_code(d: DType) -> i64 {
     }
 }
 
-/// Vectors each warp loads before processing them (more bytes in flight for small vectors).
-fn vectors_per_warp(head_dim: usize) -> i64 {
-    (512 / head_dim).clamp(1, 4) as i64
+/// Coordinates per lane (`LANE_ELEMS`): 16 (whole packed bytes at every bit width, few
+/// cross-lane butterfly stages), or head_dim / 32 when a vector needs the whole warp.
+fn lane_elems(head_dim: usize) -> usize {
+    (head_dim / 32).max(16)
+}
+
+/// Vectors each lane group loads before processing them (`VPW`): 2 hides memory latency on
+/// large launches; 1 keeps small ones (a decode step) spread over more lanes.
+fn vectors_per_group(head_dim: usize, n_vectors: u64, sm_count: u32) -> i64 {
+    let groups_on_chip = sm_count as u64 * (WARPS * BLOCKS_PER_SM) as u64 * groups(head_dim);
+    if head_dim >= 512 || n_vectors <= groups_on_chip {
+        1
+    } else {
+        2
+    }
+}
+
+/// Lane groups (vectors in flight) per warp: `32 / (head_dim / LANE_ELEMS)`.
+fn groups(head_dim: usize) -> u64 {
+    (32 / (head_dim / lane_elems(head_dim))) as u64
 }
 
 fn float_dtype(op: &str, what: &str, buf: &DeviceBuffer) -> Result<DType> {
@@ -141,8 +158,8 @@ impl CudaCodec {
         }
     }
 
-    fn launch_config(&self, n_vectors: u64, vpw: i64) -> LaunchConfig {
-        let per_block = WARPS as u64 * vpw as u64;
+    fn launch_config(&self, n_vectors: u64, head_dim: usize, vpw: i64) -> LaunchConfig {
+        let per_block = WARPS as u64 * groups(head_dim) * vpw as u64;
         let cap = (self.device.sm_count() * BLOCKS_PER_SM) as u64;
         LaunchConfig {
             grid_dim: (n_vectors.div_ceil(per_block).min(cap) as u32, 1, 1),
@@ -183,11 +200,13 @@ impl CudaCodec {
             return Ok(());
         };
         let l = self.codec.layout();
-        let vpw = vectors_per_warp(l.head_dim);
+        let n_vectors = plan.n_write as u64 * l.num_kv_heads as u64;
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
         let key = KernelKey {
             family: Family::Quantize,
             defines: vec![
                 ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
                 ("BITS", l.bits(side) as i64),
                 ("IN_DTYPE", dtype_code(in_dtype)),
                 ("VPW", vpw),
@@ -198,7 +217,6 @@ impl CudaCodec {
             .registry()
             .function(self.device.context(), &key)?;
         let t = self.tables(side);
-        let n_vectors = plan.n_write as u64 * l.num_kv_heads as u64;
         let params = QuantizeParams {
             n_vectors,
             skip: plan.skip as u64,
@@ -208,10 +226,8 @@ impl CudaCodec {
             sqrt_d: self.codec.sqrt_d(),
             inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
             scale_factor: l.scale_factor_d512,
-            table_lo: t.table_lo,
-            table_inv_width: t.table_inv_width,
         };
-        let cfg = self.launch_config(n_vectors, vpw);
+        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
         let mut status = self
             .status
             .lock()
@@ -223,8 +239,7 @@ impl CudaCodec {
             .arg(norms.slice_mut())
             .arg(&mut *status)
             .arg(&self.signs)
-            .arg(&t.boundaries)
-            .arg(&t.guess)
+            .arg(&t.eytzinger)
             .arg(&params);
         // SAFETY: the argument list matches tq_quantize's signature; the validated plan keeps
         // every read inside src and every write inside packed and norms.
@@ -333,11 +348,13 @@ impl CudaCodec {
             return Ok(());
         }
         let l = self.codec.layout();
-        let vpw = vectors_per_warp(l.head_dim);
+        let n_vectors = l.num_kv_heads as u64 * n_tokens as u64;
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
         let key = KernelKey {
             family: Family::Dequantize,
             defines: vec![
                 ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
                 ("BITS", l.bits(side) as i64),
                 ("OUT_DTYPE", dtype_code(out_dtype)),
                 ("ORIGINAL", (domain == Domain::Original) as i64),
@@ -348,7 +365,6 @@ impl CudaCodec {
             .device
             .registry()
             .function(self.device.context(), &key)?;
-        let n_vectors = l.num_kv_heads as u64 * n_tokens as u64;
         let params = DequantizeParams {
             n_vectors,
             num_kv_heads: l.num_kv_heads as u32,
@@ -360,7 +376,7 @@ impl CudaCodec {
             scale_factor: l.scale_factor_d512,
             pad: 0,
         };
-        let cfg = self.launch_config(n_vectors, vpw);
+        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
         let t = self.tables(side);
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -374,5 +390,36 @@ impl CudaCodec {
         // every read inside packed and norms and every write inside dst.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's search (`nearest_index` in kernels/quantize.cu), on the host.
+    fn eytzinger_index(eyt: &[f32], u: f32) -> usize {
+        let mut k = 1;
+        while k < eyt.len() {
+            k = 2 * k + usize::from(eyt[k] < u);
+        }
+        k - eyt.len()
+    }
+
+    #[test]
+    fn eytzinger_search_counts_the_boundaries_below_u_at_every_bit_width() {
+        for bits in [2, 3, 4, 5, 6, 8] {
+            let cb = Codebook::new(bits).unwrap();
+            let eyt = eytzinger(&cb.boundaries);
+            let mut probes: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0];
+            for &b in &cb.boundaries {
+                probes.extend([b, b.next_up(), b.next_down()]);
+            }
+            probes.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.005));
+            for u in probes {
+                let want = cb.boundaries.iter().filter(|&&b| b < u).count();
+                assert_eq!(eytzinger_index(&eyt, u), want, "bits {bits} u {u}");
+            }
+        }
     }
 }

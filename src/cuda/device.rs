@@ -9,7 +9,8 @@ use super::driver_err;
 use super::registry::Registry;
 use crate::error::{Result, TqError};
 
-/// One GPU: its context, a stream for tqkv's work, and the compiled-kernel cache.
+/// One GPU: its context, the stream tqkv's work runs on (the default stream), and the
+/// compiled-kernel cache.
 #[derive(Debug)]
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -56,9 +57,9 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("cuda device", e))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| driver_err("cuda device: new stream", e))?;
+        // The context's default stream: while no other stream exists, cudarc records no
+        // per-buffer events around launches (cheaper decode steps).
+        let stream = ctx.default_stream();
         let name = ctx.name().map_err(|e| driver_err("cuda device", e))?;
         let compute_capability = ctx
             .compute_capability()
@@ -86,7 +87,8 @@ impl CudaDevice {
         &self.stream
     }
 
-    /// A new stream on this device.
+    /// A new stream on this device (from then on cudarc orders buffer uses across streams with
+    /// events).
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
         self.ctx
             .new_stream()

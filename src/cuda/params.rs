@@ -20,9 +20,6 @@ pub struct QuantizeParams {
     pub inv_sqrt_d: f32,
     /// `scale_factor_d512` (head_dim > 256).
     pub scale_factor: f32,
-    /// Index-guess table: cell = `(u - table_lo) * table_inv_width`.
-    pub table_lo: f32,
-    pub table_inv_width: f32,
 }
 
 /// Parameters of `tq_dequantize` (`struct DequantizeParams` in kernels/dequantize.cu).
@@ -52,7 +49,7 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_size_of_their_cuda_mirrors() {
-        assert_eq!(std::mem::size_of::<QuantizeParams>(), 48);
+        assert_eq!(std::mem::size_of::<QuantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
