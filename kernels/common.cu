@@ -123,8 +123,9 @@ __device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) 
 
 // Unnormalized FWHT of the group's vector, stages h = 1, 2, 4, ... in order (the CPU's order):
 // stages h < E inside each lane, then h = E * m across the group's lanes m = 1, 2, ..., LPV/2 by
-// xor-shuffle. Each output is one rounding of a + b (lower lane: x + p == a + b) or a - b
-// (upper lane: p + (-x) == a - b exactly), as on the CPU.
+// xor-shuffle. Each output is one rounding of a + b or a - b, as on the CPU: across lanes it is
+// fma(x, sigma, p) with sigma = +1 (lower lane: x + p) or -1 (upper lane: p - x); x * sigma is
+// exact, so the fused operation rounds exactly once, like the CPU's add or subtract.
 __device__ __forceinline__ void fwht_warp(float (&x)[E], int lane) {
 #pragma unroll
     for (int h = 1; h < E; h <<= 1) {
@@ -139,11 +140,11 @@ __device__ __forceinline__ void fwht_warp(float (&x)[E], int lane) {
     }
 #pragma unroll
     for (int m = 1; m < LPV; m <<= 1) {
-        const bool upper = (lane & m) != 0;
+        const float sigma = (lane & m) != 0 ? -1.0f : 1.0f;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const float p = __shfl_xor_sync(FULL_MASK, x[i], m);
-            x[i] = __fadd_rn(p, upper ? -x[i] : x[i]);
+            x[i] = __fmaf_rn(x[i], sigma, p);
         }
     }
 }

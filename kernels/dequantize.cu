@@ -95,25 +95,26 @@ tq_dequantize(const u8* __restrict__ packed, const float* __restrict__ norms, u8
 #pragma unroll
             for (int i = 0; i < E; ++i) y[i] = __fmul_rn(y[i], sinv[i]);
 #endif
-            if (!valid[k]) continue;
-            u32 ow[WORDS_OF(OUT_BYTES)];
+            if (valid[k]) {  // no early exit: later shuffles need a converged warp
+                u32 ow[WORDS_OF(OUT_BYTES)];
 #if OUT_DTYPE == DT_F32
 #pragma unroll
-            for (int i = 0; i < E; ++i) ow[i] = __float_as_uint(y[i]);
+                for (int i = 0; i < E; ++i) ow[i] = __float_as_uint(y[i]);
 #else
 #pragma unroll
-            for (int q = 0; q < WORDS_OF(OUT_BYTES); ++q) ow[q] = 0;
+                for (int q = 0; q < WORDS_OF(OUT_BYTES); ++q) ow[q] = 0;
 #pragma unroll
-            for (int i = 0; i < E; ++i) {
+                for (int i = 0; i < E; ++i) {
 #if OUT_DTYPE == DT_F16
-                const u32 b16 = f32_to_f16_rn(y[i]);
+                    const u32 b16 = f32_to_f16_rn(y[i]);
 #else
-                const u32 b16 = f32_to_bf16_rn(y[i]);
+                    const u32 b16 = f32_to_bf16_rn(y[i]);
 #endif
-                ow[i / 2] |= b16 << (16 * (i & 1));
+                    ow[i / 2] |= b16 << (16 * (i & 1));
+                }
+#endif
+                store_bytes<OUT_BYTES>(dst + (vv[k] * HEAD_DIM + sub * E) * OUT_SIZE, ow);
             }
-#endif
-            store_bytes<OUT_BYTES>(dst + (vv[k] * HEAD_DIM + sub * E) * OUT_SIZE, ow);
         }
     }
 }

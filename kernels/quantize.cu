@@ -22,11 +22,16 @@ struct QuantizeParams {
 // Number of boundaries strictly below u (NaN -> 0), exactly the CPU's index: a branch-free
 // search of the boundaries in Eytzinger order (s_eyt[1..2^BITS), node k's children 2k, 2k+1),
 // so the lanes of one step read neighbouring words.
-__device__ __forceinline__ int nearest_index(const float* s_eyt, float u) {
-    int k = 1;
+__device__ __forceinline__ u32 nearest_index(const float* s_eyt, float u) {
+    // Byte offset of node k, advanced as 4k -> 8k + 4 * (s_eyt[k] < u): a compare, a select and
+    // a shift-add per level.
+    u32 a = 4;
 #pragma unroll
-    for (int level = 0; level < BITS; ++level) k = 2 * k + (s_eyt[k] < u ? 1 : 0);
-    return k - N_CENTROIDS;
+    for (int level = 0; level < BITS; ++level) {
+        const float b = *reinterpret_cast<const float*>(reinterpret_cast<const u8*>(s_eyt) + a);
+        a = 2 * a + (b < u ? 4u : 0u);
+    }
+    return (a >> 2) - N_CENTROIDS;
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -99,30 +104,31 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
             const float scale = nrm > 1e-10f ? __fdiv_rn(p.sqrt_d, nrm) : 0.0f;
             const bool bad = !is_finite(nrm);
 #endif
-            if (!valid[k]) continue;
+            // No early exit: the next vector's shuffles must see a converged warp.
             const u64 j = jv[k], h = hv[k];
-            if (bad) {
+            if (valid[k] && bad && sub == 0) {
                 // Leave the slot unwritten; report the first bad (token, head) as t * heads + h.
-                if (sub == 0) atomicMin(status, (p.skip + j) * p.num_kv_heads + h);
-                continue;
+                atomicMin(status, (p.skip + j) * p.num_kv_heads + h);
             }
-            u64 slot = (u64)p.first_slot + j;
-            if (slot >= p.capacity) slot -= p.capacity;
-            const u64 pos = h * p.capacity + slot;
-            if (sub % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + sub / LANES_PER_NORM] = nrm;
+            if (valid[k] && !bad) {
+                u64 slot = (u64)p.first_slot + j;
+                if (slot >= p.capacity) slot -= p.capacity;
+                const u64 pos = h * p.capacity + slot;
+                if (sub % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + sub / LANES_PER_NORM] = nrm;
 
-            // 3. Indices, packed in registers into the lane's stream bits, and 4. stored.
-            u32 lw[LANE_WORDS + 1];
+                // 3. Indices, packed in registers into the lane's stream bits, and 4. stored.
+                u32 lw[LANE_WORDS + 1];
 #pragma unroll
-            for (int q = 0; q <= LANE_WORDS; ++q) lw[q] = 0;
+                for (int q = 0; q <= LANE_WORDS; ++q) lw[q] = 0;
 #pragma unroll
-            for (int i = 0; i < E; ++i) {
-                const u32 idx = (u32)nearest_index(s_eyt, __fmul_rn(x[i], scale));
-                const int bp = i * SB;
-                lw[bp >> 5] |= idx << (bp & 31);
-                if ((bp & 31) + SB > 32) lw[(bp >> 5) + 1] |= idx >> (32 - (bp & 31));
+                for (int i = 0; i < E; ++i) {
+                    const u32 idx = nearest_index(s_eyt, __fmul_rn(x[i], scale));
+                    const int bp = i * SB;
+                    lw[bp >> 5] |= idx << (bp & 31);
+                    if ((bp & 31) + SB > 32) lw[(bp >> 5) + 1] |= idx >> (32 - (bp & 31));
+                }
+                store_bytes<LANE_BYTES>(packed + pos * (u64)ROW_BYTES + sub * LANE_BYTES, lw);
             }
-            store_bytes<LANE_BYTES>(packed + pos * (u64)ROW_BYTES + sub * LANE_BYTES, lw);
         }
     }
 }

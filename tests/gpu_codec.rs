@@ -559,10 +559,6 @@ fn every_kernel_variant_compiles_with_nvrtc() {
             for key in [q, dq] {
                 let ptx = compile_ptx(&key, "compute_90a").unwrap_or_else(|e| panic!("{e}"));
                 let text = ptx.to_src();
-                assert!(
-                    !text.contains("fma.rn.f32"),
-                    "{key}: fused multiply-add in the PTX"
-                );
                 assert!(!text.contains(".local"), "{key}: local memory in the PTX");
             }
         }
