@@ -39,8 +39,11 @@ pub struct DeviceBuffer {
 impl DeviceBuffer {
     /// `len` zeroed elements.
     pub fn zeros(stream: &Arc<CudaStream>, dtype: BufferDType, len: usize) -> Result<Self> {
+        let Some(bytes) = len.checked_mul(dtype.size()) else {
+            invalid!("device buffer: {len} elements of {dtype:?} overflow usize bytes");
+        };
         let data = stream
-            .alloc_zeros::<u8>((len * dtype.size()).max(1))
+            .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| driver_err("device buffer: alloc", e))?;
         Ok(Self { data, dtype, len })
     }
