@@ -407,6 +407,22 @@ mod tests {
     }
 
     #[test]
+    fn lane_layout_covers_every_head_dim_with_whole_warps() {
+        for d in [32, 64, 128, 256, 512, 1024] {
+            let e = lane_elems(d);
+            let lanes_per_vector = d / e;
+            assert!(e >= 16 && e * lanes_per_vector == d, "d {d}: E {e}");
+            assert!(
+                lanes_per_vector.is_power_of_two() && lanes_per_vector <= 32,
+                "d {d}"
+            );
+            assert_eq!(groups(d) * lanes_per_vector as u64, 32, "d {d}");
+            // One vector per warp from 512 on: the kernel's any-sync over the warp relies on it.
+            assert!(d < 512 || groups(d) == 1, "d {d}");
+        }
+    }
+
+    #[test]
     fn eytzinger_search_counts_the_boundaries_below_u_at_every_bit_width() {
         for bits in [2, 3, 4, 5, 6, 8] {
             let cb = Codebook::new(bits).unwrap();
