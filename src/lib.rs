@@ -17,6 +17,7 @@
 pub mod codebook;
 pub mod codec;
 pub mod cpu;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod io;

@@ -1,5 +1,6 @@
 //! The `tqkv` command line: a thin dispatcher, one subcommand per file.
 
+mod bench;
 mod data;
 mod eval;
 mod kvio;
@@ -28,6 +29,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Quantize and dequantize the K/V tensors of a safetensors file (other tensors copied).
     Roundtrip(roundtrip::RoundtripArgs),
+    /// Benchmark the codec (CUDA when present, else the CPU).
+    Bench(bench::BenchArgs),
 }
 
 /// Exit status of every error: bad arguments, bad input, failed output.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => eval::run(args),
         Command::Roundtrip(args) => roundtrip::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

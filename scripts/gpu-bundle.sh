@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the release GPU test binaries (tests/gpu_*.rs) and the tqkv CLI, and gathers them with a
+# run.sh into gpu-bundle/ (git-ignored) of this checkout. On the GPU machine, which has no Rust:
+#   bash gpu-bundle/run.sh            # every GPU test with TQ_REQUIRE_GPU=1, then the benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/tests"
+
+cargo build --release --bin tqkv
+cp target/release/tqkv "$out/"
+cargo test --release --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"].startswith("gpu_") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "$out/tests/$name"; done
+ls "$out/tests/"* >/dev/null
+strip "$out/tqkv" "$out/tests/"* 2>/dev/null || true
+
+cat >"$out/env.sh" <<'ENV'
+# Sourced by run.sh: cudarc opens libcuda and libnvrtc by name, so add the toolkit's library
+# folders to the loader's path when libnvrtc is not already on it.
+if ! ldconfig -p | grep -q 'libnvrtc\.so'; then
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+    done
+fi
+ENV
+
+cat >"$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs every GPU test (TQ_REQUIRE_GPU=1: a missing GPU fails) and the codec benchmark.
+# Extra arguments go to `tqkv bench codec`.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/env.sh"
+export TQ_REQUIRE_GPU=1
+status=0
+for t in "$here"/tests/*; do
+    echo "== $(basename "$t")"
+    "$t" --test-threads=4 || status=1
+done
+echo "== tqkv bench codec"
+"$here/tqkv" bench codec "$@" || status=1
+exit $status
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out"

@@ -1,0 +1,441 @@
+//! `CudaCodec`: the quantize and dequantize ops on the GPU, validated like the CPU ops.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::buffer::{BufferDType, DeviceBuffer};
+use super::device::CudaDevice;
+use super::driver_err;
+use super::params::{DequantizeParams, QuantizeParams};
+use super::registry::{Family, KernelKey};
+use crate::codebook::Codebook;
+use crate::codec::{Codec, Domain};
+use crate::dtype::DType;
+use crate::error::{invalid, Result, TqError};
+use crate::layout::Side;
+
+/// Warps per block of both kernels (`WARPS` in kernels/*.cu).
+const WARPS: u32 = 8;
+/// Resident blocks per SM the grid-stride launch aims for.
+const BLOCKS_PER_SM: u32 = 8;
+/// "No non-finite vector seen" in the quantize status word.
+const STATUS_CLEAR: u64 = u64::MAX;
+
+/// One side's codebook on the device.
+#[derive(Debug)]
+struct SideTables {
+    centroids: CudaSlice<f32>,
+    /// `[2^bits]` f32: `[0]` unused, `[1..]` the boundaries in Eytzinger (breadth-first) order.
+    eytzinger: CudaSlice<f32>,
+}
+
+/// Writes the sorted `sorted[*next..]` into the subtree of node `k` of `eyt` (in-order walk).
+fn fill_eytzinger(sorted: &[f32], next: &mut usize, eyt: &mut [f32], k: usize) {
+    if k < eyt.len() {
+        fill_eytzinger(sorted, next, eyt, 2 * k);
+        eyt[k] = sorted[*next];
+        *next += 1;
+        fill_eytzinger(sorted, next, eyt, 2 * k + 1);
+    }
+}
+
+/// The boundaries `2^bits - 1` (a complete tree) in Eytzinger order, 1-indexed.
+fn eytzinger(boundaries: &[f32]) -> Vec<f32> {
+    let mut eyt = vec![0f32; boundaries.len() + 1];
+    fill_eytzinger(boundaries, &mut 0, &mut eyt, 1);
+    eyt
+}
+
+impl SideTables {
+    fn new(stream: &Arc<CudaStream>, cb: &Codebook) -> Result<Self> {
+        let up = |e| driver_err("cuda codec: upload tables", e);
+        Ok(Self {
+            centroids: stream.clone_htod(&cb.centroids).map_err(up)?,
+            eytzinger: stream.clone_htod(&eytzinger(&cb.boundaries)).map_err(up)?,
+        })
+    }
+}
+
+/// A [`Codec`] with its rotation signs and codebooks on one device.
+#[derive(Debug)]
+pub struct CudaCodec {
+    codec: Codec,
+    device: Arc<CudaDevice>,
+    stream: Arc<CudaStream>,
+    signs: CudaSlice<f32>,
+    keys: SideTables,
+    values: SideTables,
+    /// Smallest `token * num_kv_heads + head` of a non-finite input vector, or STATUS_CLEAR.
+    status: Mutex<CudaSlice<u64>>,
+}
+
+fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Bf16 => 2,
+    }
+}
+
+/// Coordinates per lane (`LANE_ELEMS`): 16 (whole packed bytes at every bit width, few
+/// cross-lane butterfly stages), or head_dim / 32 when a vector needs the whole warp.
+fn lane_elems(head_dim: usize) -> usize {
+    (head_dim / 32).max(16)
+}
+
+/// Vectors each lane group loads before processing them (`VPW`): 2 hides memory latency on
+/// large launches; 1 keeps small ones (a decode step) spread over more lanes.
+fn vectors_per_group(head_dim: usize, n_vectors: u64, sm_count: u32) -> i64 {
+    let groups_on_chip = sm_count as u64 * (WARPS * BLOCKS_PER_SM) as u64 * groups(head_dim);
+    if head_dim >= 512 || n_vectors <= groups_on_chip {
+        1
+    } else {
+        2
+    }
+}
+
+/// Lane groups (vectors in flight) per warp: `32 / (head_dim / LANE_ELEMS)`.
+fn groups(head_dim: usize) -> u64 {
+    (32 / (head_dim / lane_elems(head_dim))) as u64
+}
+
+fn float_dtype(op: &str, what: &str, buf: &DeviceBuffer) -> Result<DType> {
+    match buf.dtype() {
+        BufferDType::Float(d) => Ok(d),
+        other => invalid!("{op}: {what} buffer holds {other:?}, need f32, f16 or bf16"),
+    }
+}
+
+fn expect_dtype(op: &str, what: &str, buf: &DeviceBuffer, want: BufferDType) -> Result<()> {
+    if buf.dtype() != want {
+        invalid!("{op}: {what} buffer holds {:?}, need {want:?}", buf.dtype());
+    }
+    Ok(())
+}
+
+impl CudaCodec {
+    /// Uploads the codec's tables to `device`; operations run on the device's stream.
+    pub fn new(device: Arc<CudaDevice>, codec: Codec) -> Result<Self> {
+        let stream = device.stream().clone();
+        let up = |e| driver_err("cuda codec: upload tables", e);
+        let signs = stream.clone_htod(codec.rotation().signs()).map_err(up)?;
+        let status = stream.clone_htod(&[STATUS_CLEAR]).map_err(up)?;
+        Ok(Self {
+            keys: SideTables::new(&stream, codec.codebook(Side::Keys))?,
+            values: SideTables::new(&stream, codec.codebook(Side::Values))?,
+            signs,
+            status: Mutex::new(status),
+            codec,
+            device,
+            stream,
+        })
+    }
+
+    /// The same codec issuing its work on another stream of the same device.
+    pub fn with_stream(mut self, stream: Arc<CudaStream>) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    /// The stream this codec's operations are issued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn tables(&self, side: Side) -> &SideTables {
+        match side {
+            Side::Keys => &self.keys,
+            Side::Values => &self.values,
+        }
+    }
+
+    fn launch_config(&self, n_vectors: u64, head_dim: usize, vpw: i64) -> LaunchConfig {
+        let per_block = WARPS as u64 * groups(head_dim) * vpw as u64;
+        let cap = (self.device.sm_count() * BLOCKS_PER_SM) as u64;
+        LaunchConfig {
+            grid_dim: (n_vectors.div_ceil(per_block).min(cap) as u32, 1, 1),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// GPU [`crate::cpu::quantize`]: `src: [n_tokens, num_kv_heads, head_dim]` (f32, f16 or
+    /// bf16) into the packed plane `[num_kv_heads, capacity, row_bytes]` and the f32 norms plane,
+    /// token t at logical position `write_pos + t` (ring and global rules of the CPU). One launch
+    /// for any `n_tokens`; asynchronous on [`CudaCodec::stream`]. A non-finite input vector leaves
+    /// its slot unwritten and is reported by [`CudaCodec::check_finite`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize(
+        &self,
+        side: Side,
+        src: &DeviceBuffer,
+        n_tokens: usize,
+        write_pos: usize,
+        packed: &mut DeviceBuffer,
+        norms: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "cuda quantize";
+        let in_dtype = float_dtype(op, "src", src)?;
+        expect_dtype(op, "packed", packed, BufferDType::U8)?;
+        expect_dtype(op, "norms", norms, BufferDType::Float(DType::F32))?;
+        let Some(plan) = self.codec.plan_quantize(
+            op,
+            side,
+            src.len(),
+            n_tokens,
+            write_pos,
+            packed.len(),
+            norms.len(),
+        )?
+        else {
+            return Ok(());
+        };
+        let l = self.codec.layout();
+        let n_vectors = plan.n_write as u64 * l.num_kv_heads as u64;
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        let key = KernelKey {
+            family: Family::Quantize,
+            defines: vec![
+                ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                ("BITS", l.bits(side) as i64),
+                ("IN_DTYPE", dtype_code(in_dtype)),
+                ("VPW", vpw),
+            ],
+        };
+        let f = self
+            .device
+            .registry()
+            .function(self.device.context(), &key)?;
+        let t = self.tables(side);
+        let params = QuantizeParams {
+            n_vectors,
+            skip: plan.skip as u64,
+            num_kv_heads: l.num_kv_heads as u32,
+            capacity: l.capacity as u32,
+            first_slot: l.slot(plan.first_pos) as u32,
+            sqrt_d: self.codec.sqrt_d(),
+            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
+            scale_factor: l.scale_factor_d512,
+        };
+        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let mut status = self
+            .status
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(src.slice())
+            .arg(packed.slice_mut())
+            .arg(norms.slice_mut())
+            .arg(&mut *status)
+            .arg(&self.signs)
+            .arg(&t.eytzinger)
+            .arg(&params);
+        // SAFETY: the argument list matches tq_quantize's signature; the validated plan keeps
+        // every read inside src and every write inside packed and norms.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
+        Ok(())
+    }
+
+    /// Synchronizes [`CudaCodec::stream`] and reports (and clears) the first non-finite input
+    /// vector seen by [`CudaCodec::quantize`] since the last check.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut status = self
+            .status
+            .lock()
+            .map_err(|_| TqError::Cuda("cuda quantize: status lock poisoned".into()))?;
+        let seen = self
+            .stream
+            .clone_dtoh(&*status)
+            .map_err(|e| driver_err("cuda quantize: read status", e))?;
+        let first = seen.first().copied().unwrap_or(STATUS_CLEAR);
+        if first == STATUS_CLEAR {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(&[STATUS_CLEAR], &mut *status)
+            .map_err(|e| driver_err("cuda quantize: reset status", e))?;
+        let heads = self.codec.layout().num_kv_heads.max(1) as u64;
+        invalid!(
+            "cuda quantize: input token {}, head {} has a non-finite value (or overflows f32 when \
+             squared)",
+            first / heads,
+            first % heads
+        )
+    }
+
+    /// GPU [`crate::cpu::dequantize_seq`]: slots `start_pos..start_pos + n_tokens` of one side
+    /// into `dst: [num_kv_heads, n_tokens, head_dim]` (f32, f16 or bf16, rounded to nearest-even).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequantize_seq(
+        &self,
+        side: Side,
+        packed: &DeviceBuffer,
+        norms: &DeviceBuffer,
+        start_pos: usize,
+        n_tokens: usize,
+        domain: Domain,
+        dst: &mut DeviceBuffer,
+    ) -> Result<()> {
+        self.dequantize(
+            "cuda dequantize_seq",
+            side,
+            packed,
+            norms,
+            start_pos,
+            n_tokens,
+            domain,
+            dst,
+        )
+    }
+
+    /// GPU [`crate::cpu::dequantize_pos`]: slot `read_pos` into `dst: [num_kv_heads, head_dim]`.
+    pub fn dequantize_pos(
+        &self,
+        side: Side,
+        packed: &DeviceBuffer,
+        norms: &DeviceBuffer,
+        read_pos: usize,
+        domain: Domain,
+        dst: &mut DeviceBuffer,
+    ) -> Result<()> {
+        self.dequantize(
+            "cuda dequantize_pos",
+            side,
+            packed,
+            norms,
+            read_pos,
+            1,
+            domain,
+            dst,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize(
+        &self,
+        op: &str,
+        side: Side,
+        packed: &DeviceBuffer,
+        norms: &DeviceBuffer,
+        start_pos: usize,
+        n_tokens: usize,
+        domain: Domain,
+        dst: &mut DeviceBuffer,
+    ) -> Result<()> {
+        expect_dtype(op, "packed", packed, BufferDType::U8)?;
+        expect_dtype(op, "norms", norms, BufferDType::Float(DType::F32))?;
+        let out_dtype = float_dtype(op, "dst", dst)?;
+        if !self.codec.check_dequantize(
+            op,
+            side,
+            start_pos,
+            n_tokens,
+            packed.len(),
+            norms.len(),
+            dst.len(),
+        )? {
+            return Ok(());
+        }
+        let l = self.codec.layout();
+        let n_vectors = l.num_kv_heads as u64 * n_tokens as u64;
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        let key = KernelKey {
+            family: Family::Dequantize,
+            defines: vec![
+                ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                ("BITS", l.bits(side) as i64),
+                ("OUT_DTYPE", dtype_code(out_dtype)),
+                ("ORIGINAL", (domain == Domain::Original) as i64),
+                ("VPW", vpw),
+            ],
+        };
+        let f = self
+            .device
+            .registry()
+            .function(self.device.context(), &key)?;
+        let params = DequantizeParams {
+            n_vectors,
+            num_kv_heads: l.num_kv_heads as u32,
+            capacity: l.capacity as u32,
+            start_pos: start_pos as u32,
+            n_tokens: n_tokens as u32,
+            sqrt_d: self.codec.sqrt_d(),
+            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
+            scale_factor: l.scale_factor_d512,
+            pad: 0,
+        };
+        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let t = self.tables(side);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(packed.slice())
+            .arg(norms.slice())
+            .arg(dst.slice_mut())
+            .arg(&self.signs)
+            .arg(&t.centroids)
+            .arg(&params);
+        // SAFETY: the argument list matches tq_dequantize's signature; check_dequantize keeps
+        // every read inside packed and norms and every write inside dst.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's search (`nearest_index` in kernels/quantize.cu), on the host.
+    fn eytzinger_index(eyt: &[f32], u: f32) -> usize {
+        let mut k = 1;
+        while k < eyt.len() {
+            k = 2 * k + usize::from(eyt[k] < u);
+        }
+        k - eyt.len()
+    }
+
+    #[test]
+    fn lane_layout_covers_every_head_dim_with_whole_warps() {
+        for d in [32, 64, 128, 256, 512, 1024] {
+            let e = lane_elems(d);
+            let lanes_per_vector = d / e;
+            assert!(e >= 16 && e * lanes_per_vector == d, "d {d}: E {e}");
+            assert!(
+                lanes_per_vector.is_power_of_two() && lanes_per_vector <= 32,
+                "d {d}"
+            );
+            assert_eq!(groups(d) * lanes_per_vector as u64, 32, "d {d}");
+            // One vector per warp from 512 on: the kernel's any-sync over the warp relies on it.
+            assert!(d < 512 || groups(d) == 1, "d {d}");
+        }
+    }
+
+    #[test]
+    fn eytzinger_search_counts_the_boundaries_below_u_at_every_bit_width() {
+        for bits in [2, 3, 4, 5, 6, 8] {
+            let cb = Codebook::new(bits).unwrap();
+            let eyt = eytzinger(&cb.boundaries);
+            let mut probes: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0];
+            for &b in &cb.boundaries {
+                probes.extend([b, b.next_up(), b.next_down()]);
+            }
+            probes.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.005));
+            for u in probes {
+                let want = cb.boundaries.iter().filter(|&&b| b < u).count();
+                assert_eq!(eytzinger_index(&eyt, u), want, "bits {bits} u {u}");
+            }
+        }
+    }
+}
