@@ -38,6 +38,37 @@ fn nearest(boundaries: &[f32], u: f32) -> u8 {
     idx as u8
 }
 
+/// Boundaries up to which counting (vectorized across coordinates) beats the binary search.
+const COUNT_MAX_BOUNDARIES: usize = 63;
+
+/// `idx_i` = number of boundaries `< y_i · scale` (one rounding for the product).
+#[inline(always)]
+fn indices(boundaries: &[f32], y: &[f32], scale: f32, idx: &mut [u8]) {
+    if boundaries.len() > COUNT_MAX_BOUNDARIES {
+        for (i, v) in idx.iter_mut().zip(y) {
+            *i = nearest(boundaries, v * scale);
+        }
+        return;
+    }
+    let whole = y.len() / 32 * 32;
+    for (i, v) in idx[whole..].iter_mut().zip(&y[whole..]) {
+        *i = nearest(boundaries, v * scale);
+    }
+    for (yc, ic) in y.chunks_exact(32).zip(idx.chunks_exact_mut(32)) {
+        let mut u = [0f32; 32];
+        for (u, v) in u.iter_mut().zip(yc) {
+            *u = v * scale;
+        }
+        let mut count = [0u8; 32];
+        for &t in boundaries {
+            for (c, u) in count.iter_mut().zip(&u) {
+                *c += (t < *u) as u8;
+            }
+        }
+        ic.copy_from_slice(&count);
+    }
+}
+
 /// Quantizes one vector held in `y` (input x, overwritten by its rotation) into `row` and
 /// `norms` (`norms_per_pos` entries). `idx` is scratch of `head_dim` bytes.
 #[inline]
@@ -62,9 +93,7 @@ pub fn quantize_vector(
         } else {
             0.0
         };
-        for (i, v) in idx.iter_mut().zip(y.iter()) {
-            *i = nearest(&cb.boundaries, v * scale);
-        }
+        indices(&cb.boundaries, y, scale, idx);
     } else {
         let sf = codec.layout().scale_factor_d512;
         for ((yb, ib), nb) in y
@@ -78,9 +107,7 @@ pub fn quantize_vector(
             }
             *nb = r;
             let scale = if r > NORM_EPS { sf / r } else { 0.0 };
-            for (i, v) in ib.iter_mut().zip(yb) {
-                *i = nearest(&cb.boundaries, v * scale);
-            }
+            indices(&cb.boundaries, yb, scale, ib);
         }
     }
     pack_row(cb.bits, idx, row);

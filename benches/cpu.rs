@@ -1,0 +1,236 @@
+//! CPU speed of tqkv on one thread: attention over the compressed cache against plain f32
+//! attention over the same tokens uncompressed, and quantize / dequantize throughput.
+//!
+//! `cargo bench --bench cpu` (head_dim 128, 4/4 bits). After criterion's report it prints the
+//! ratios of this run, read back from `target/criterion/*/new/estimates.json`.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use tqkv::cpu::{self, AttentionConfig};
+use tqkv::rotation::splitmix64;
+use tqkv::{CacheLayout, Codec, Domain, Dst, KvCache, Side, Src};
+
+const D: usize = 128;
+const BITS: u32 = 4;
+const CONTEXT: usize = 4096;
+/// Vectors per quantize / dequantize call: 512 tokens × 8 kv heads.
+const CODEC_TOKENS: usize = 512;
+const CODEC_HEADS: usize = 8;
+
+/// Deterministic values in [-2, 2).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| (splitmix64(&mut s) >> 40) as f32 / (1u32 << 22) as f32 - 2.0)
+        .collect()
+}
+
+/// Plain f32 attention of one query head over `k`, `v`: `[n, d]` row-major. Written to
+/// auto-vectorize: 32 independent lanes per dot product (four 8-wide accumulators), one
+/// multiply-add per element, the same softmax as tqkv (f32 exp, f64 sum).
+#[inline(always)]
+fn dense_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
+        let mut lanes = [0f32; 32];
+        for (qc, kc) in q.chunks_exact(32).zip(kr.chunks_exact(32)) {
+            for l in 0..32 {
+                lanes[l] = qc[l].mul_add(kc[l], lanes[l]);
+            }
+        }
+        *s = lanes.iter().sum::<f32>() * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0f64;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s as f64;
+    }
+    out.fill(0.0);
+    for (&p, vr) in scores.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o = p.mul_add(*x, *o);
+        }
+    }
+    let inv = (1.0 / sum) as f32;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// [`dense_attention`] compiled for AVX2 + FMA, the instruction set tqkv's kernels use here.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dense_attention_avx2(q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f32], o: &mut [f32]) {
+    dense_attention(q, k, v, scale, s, o)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn dense(q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f32], o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { dense_attention_avx2(q, k, v, scale, s, o) };
+    }
+    dense_attention(q, k, v, scale, s, o)
+}
+
+fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
+    let layout = CacheLayout::new(1, D, CONTEXT, BITS, BITS).expect("layout");
+    let mut cache = KvCache::new(layout).expect("cache");
+    let k = values(CONTEXT * D, 1);
+    let v = values(CONTEXT * D, 2);
+    let q = values(D, 3);
+    cache.append(Src::F32(&k), Src::F32(&v)).expect("append");
+    let cfg = AttentionConfig::new(D);
+
+    let mut g = c.benchmark_group("attention_1head_4096");
+    let mut scores = vec![0f32; CONTEXT];
+    let mut out = vec![0f32; D];
+    g.bench_function("f32_dense", |b| {
+        b.iter(|| {
+            dense(
+                black_box(&q),
+                black_box(&k),
+                black_box(&v),
+                cfg.scale,
+                &mut scores,
+                &mut out,
+            )
+        })
+    });
+    g.bench_function("tqkv_4bit", |b| {
+        b.iter(|| {
+            pool.install(|| {
+                cpu::attention(
+                    black_box(&cache),
+                    Src::F32(black_box(&q)),
+                    1,
+                    &cfg,
+                    &mut out,
+                )
+                .expect("attention")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {
+    let layout = CacheLayout::new(CODEC_HEADS, D, CODEC_TOKENS, BITS, BITS).expect("layout");
+    let codec = Codec::new(layout).expect("codec");
+    let x = values(CODEC_TOKENS * CODEC_HEADS * D, 4);
+    let mut packed = vec![0u8; layout.packed_len(Side::Keys)];
+    let mut norms = vec![0f32; layout.norms_len()];
+    let vectors = (CODEC_TOKENS * CODEC_HEADS) as u64;
+
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(vectors));
+    g.bench_function("quantize_4bit", |b| {
+        b.iter(|| {
+            pool.install(|| {
+                cpu::quantize(
+                    &codec,
+                    Side::Keys,
+                    Src::F32(black_box(&x)),
+                    CODEC_TOKENS,
+                    0,
+                    &mut packed,
+                    &mut norms,
+                )
+                .expect("quantize")
+            })
+        })
+    });
+    let mut out = vec![0f32; x.len()];
+    for (name, domain) in [("original", Domain::Original), ("rotated", Domain::Rotated)] {
+        g.bench_function(BenchmarkId::new("dequantize_4bit", name), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    cpu::dequantize_seq(
+                        &codec,
+                        Side::Keys,
+                        black_box(&packed),
+                        &norms,
+                        0,
+                        CODEC_TOKENS,
+                        domain,
+                        Dst::F32(&mut out),
+                    )
+                    .expect("dequantize")
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Mean time in ns of one criterion benchmark of this run, if it ran.
+fn mean_ns(id: &str) -> Option<f64> {
+    let p = Path::new("target/criterion")
+        .join(id)
+        .join("new/estimates.json");
+    let text = std::fs::read_to_string(p).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["slope"]["point_estimate"]
+        .as_f64()
+        .or_else(|| v["mean"]["point_estimate"].as_f64())
+}
+
+fn print_summary() {
+    println!("\nsummary (one thread, head_dim {D}, {BITS}/{BITS} bits):");
+    if let (Some(base), Some(tq)) = (
+        mean_ns("attention_1head_4096/f32_dense"),
+        mean_ns("attention_1head_4096/tqkv_4bit"),
+    ) {
+        println!(
+            "  attention, 1 query head × {CONTEXT} keys: f32 dense {:.1} µs, tqkv {:.1} µs, \
+             ratio tqkv / f32 = {:.2}",
+            base / 1e3,
+            tq / 1e3,
+            tq / base
+        );
+    }
+    let vectors = (CODEC_TOKENS * CODEC_HEADS) as f64;
+    for id in [
+        "codec/quantize_4bit",
+        "codec/dequantize_4bit/original",
+        "codec/dequantize_4bit/rotated",
+    ] {
+        if let Some(t) = mean_ns(id) {
+            println!("  {id}: {:.2} M vectors/s", vectors / t * 1e3);
+        }
+    }
+}
+
+fn main() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool");
+    let mut c = Criterion::default().configure_from_args();
+    bench_attention(&mut c, &pool);
+    bench_codec(&mut c, &pool);
+    c.final_summary();
+    print_summary();
+}

@@ -1,0 +1,652 @@
+//! Attention over the compressed cache on the CPU.
+//!
+//! Queries `[n_q, num_heads, head_dim]` attend causally to the cache: query i sits at logical
+//! position `p = len - n_q + i` and sees the retained positions `pos ≤ p` (and `pos > p - W`
+//! with a sliding window W). Query head h reads kv head `h / (num_heads / num_kv_heads)`.
+//! score = scale · q·k, then `c · tanh(score / c)` with a softcap c; softmax over the visible
+//! positions; output `Σ softmax · v`, `[n_q, num_heads, head_dim]` f32 in the original domain.
+//!
+//! [`attention`] works in the rotated domain, where the cache lives: each query is rotated once
+//! (R orthogonal, so q·k = Rq·Rk), scored against the packed keys (centroid × norm, the norm
+//! applied once per key), the rotated values are accumulated with weight softmax × norm, and the
+//! output is rotated back once. No key or value is rotated and the cache is never materialized.
+//! Work is spread over (query, head) pairs with rayon. [`attention_reference`] dequantizes the
+//! cache to the original domain and runs dense attention in f64; tests compare the two.
+
+use rayon::prelude::*;
+
+use crate::cache::KvCache;
+use crate::dtype::Src;
+use crate::error::{invalid, Result};
+use crate::layout::Side;
+use crate::pack::unpack_row;
+
+/// Attention parameters, `#[repr(C)]` so a GPU kernel can take the same struct (12 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionConfig {
+    /// Multiplies q·k before the softcap and the softmax (usually `1 / sqrt(head_dim)`); finite.
+    pub scale: f32,
+    /// Logit softcap c: `score = c · tanh(score / c)`. 0 = off; otherwise finite and > 0.
+    pub softcap: f32,
+    /// Sliding window W in tokens: the query at position p sees `p - W < pos ≤ p`. 0 = off.
+    pub window: u32,
+}
+
+impl AttentionConfig {
+    /// `scale = 1 / sqrt(head_dim)`, no softcap, no window.
+    pub fn new(head_dim: usize) -> Self {
+        Self {
+            scale: (1.0 / (head_dim.max(1) as f64).sqrt()) as f32,
+            softcap: 0.0,
+            window: 0,
+        }
+    }
+
+    pub fn with_scale(self, scale: f32) -> Self {
+        Self { scale, ..self }
+    }
+
+    pub fn with_window(self, window: u32) -> Self {
+        Self { window, ..self }
+    }
+
+    pub fn with_softcap(self, softcap: f32) -> Self {
+        Self { softcap, ..self }
+    }
+}
+
+/// Which CPU kernels [`attention_with`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// The fastest the running CPU supports (AVX2 + FMA on x86-64, else portable).
+    Auto,
+    /// Plain Rust, auto-vectorized for the build target (what CPUs without AVX2 run).
+    Portable,
+}
+
+/// A validated attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub n_q: usize,
+    pub num_heads: usize,
+    /// Query heads per kv head (`num_heads / num_kv_heads`).
+    pub group: usize,
+    /// The cache's `len()` and `first()` at planning time.
+    pub len: usize,
+    pub first: usize,
+    pub window: usize,
+}
+
+impl AttentionPlan {
+    /// The logical positions `lo..=hi` query `i` sees (never empty).
+    pub fn visible(&self, i: usize) -> (usize, usize) {
+        let p = self.len - self.n_q + i;
+        let lo = if self.window > 0 {
+            (p + 1).saturating_sub(self.window)
+        } else {
+            0
+        };
+        (lo.max(self.first), p)
+    }
+}
+
+/// Validates an attention call over `cache` (`q_len` query elements, `out_len` output
+/// elements); `None` means nothing to do (no queries).
+pub fn plan_attention(
+    op: &str,
+    cache: &KvCache,
+    q_len: usize,
+    num_heads: usize,
+    cfg: &AttentionConfig,
+    out_len: usize,
+) -> Result<Option<AttentionPlan>> {
+    let l = cache.layout();
+    let (kv, d) = (l.num_kv_heads, l.head_dim);
+    if out_len != q_len {
+        invalid!(
+            "{op}: out has {out_len} elements, q has {q_len}; both are [n_q, num_heads, head_dim]"
+        );
+    }
+    if q_len == 0 {
+        return Ok(None);
+    }
+    if num_heads == 0 || num_heads % kv != 0 {
+        invalid!("{op}: num_heads ({num_heads}) is not a positive multiple of num_kv_heads ({kv})");
+    }
+    if q_len % (num_heads * d) != 0 {
+        invalid!(
+            "{op}: q has {q_len} elements, not a multiple of num_heads ({num_heads}) × \
+             head_dim ({d})"
+        );
+    }
+    if !cfg.scale.is_finite() {
+        invalid!("{op}: scale must be finite, got {}", cfg.scale);
+    }
+    if !(cfg.softcap.is_finite() && cfg.softcap >= 0.0) {
+        invalid!(
+            "{op}: softcap must be finite and > 0 (or 0 = off), got {}",
+            cfg.softcap
+        );
+    }
+    let n_q = q_len / (num_heads * d);
+    let (len, first) = (cache.len(), cache.first());
+    if n_q > len {
+        invalid!("{op}: n_q ({n_q}) > len ({len}): every query must sit at a cached position");
+    }
+    if n_q > len - first {
+        invalid!(
+            "{op}: n_q ({n_q}) > retained positions ({}): query 0 sits at position {}, which \
+             this ring cache no longer holds (it holds {first}..{len})",
+            len - first,
+            len - n_q
+        );
+    }
+    Ok(Some(AttentionPlan {
+        n_q,
+        num_heads,
+        group: num_heads / kv,
+        len,
+        first,
+        window: cfg.window as usize,
+    }))
+}
+
+/// Attention of `q: [n_q, num_heads, head_dim]` over `cache` into `out: [n_q, num_heads,
+/// head_dim]` (original domain), with the fastest kernels of the running CPU.
+pub fn attention(
+    cache: &KvCache,
+    q: Src<'_>,
+    num_heads: usize,
+    cfg: &AttentionConfig,
+    out: &mut [f32],
+) -> Result<()> {
+    attention_with(cache, q, num_heads, cfg, out, Simd::Auto)
+}
+
+/// [`attention`] with a choice of kernels.
+pub fn attention_with(
+    cache: &KvCache,
+    q: Src<'_>,
+    num_heads: usize,
+    cfg: &AttentionConfig,
+    out: &mut [f32],
+    simd: Simd,
+) -> Result<()> {
+    let Some(plan) = plan_attention("attention", cache, q.len(), num_heads, cfg, out.len())? else {
+        return Ok(());
+    };
+    let ctx = Ctx::new(cache, q, plan, cfg);
+    let isa = match simd {
+        Simd::Auto => Isa::detect(),
+        Simd::Portable => Isa::Portable,
+    };
+    let d = cache.layout().head_dim;
+    let job = |s: &mut Scratch, (w, o): (usize, &mut [f32])| {
+        let (i, h) = (w / num_heads, w % num_heads);
+        match isa {
+            Isa::Portable => attend::<Portable>(&ctx, i, h, s, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
+            Isa::Avx2 => unsafe { attend_avx2(&ctx, i, h, s, o) },
+        }
+    };
+    let visits = plan.n_q * num_heads * (plan.len - plan.first);
+    if visits < PARALLEL_MIN_KEY_VISITS {
+        let mut s = Scratch::default();
+        out.chunks_mut(d)
+            .enumerate()
+            .for_each(|item| job(&mut s, item));
+    } else {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Scratch::default, job);
+    }
+    Ok(())
+}
+
+/// Key visits (queries × heads × keys) below which attention stays on the calling thread.
+const PARALLEL_MIN_KEY_VISITS: usize = 1 << 15;
+
+/// The reference: dequantizes every retained position to the original domain and runs dense
+/// attention with f64 scores, softmax and accumulation. Same contract as [`attention`].
+pub fn attention_reference(
+    cache: &KvCache,
+    q: Src<'_>,
+    num_heads: usize,
+    cfg: &AttentionConfig,
+    out: &mut [f32],
+) -> Result<()> {
+    let op = "attention_reference";
+    let Some(plan) = plan_attention(op, cache, q.len(), num_heads, cfg, out.len())? else {
+        return Ok(());
+    };
+    let l = cache.layout();
+    let (kv, d) = (l.num_kv_heads, l.head_dim);
+    let n = plan.len - plan.first;
+    let mut k = vec![0f32; kv * n * d];
+    let mut v = vec![0f32; kv * n * d];
+    let orig = crate::codec::Domain::Original;
+    cache.dequantize(Side::Keys, plan.first, n, orig, crate::Dst::F32(&mut k))?;
+    cache.dequantize(Side::Values, plan.first, n, orig, crate::Dst::F32(&mut v))?;
+    let mut qv = vec![0f32; d];
+    let mut scores = Vec::with_capacity(n);
+    let mut acc = vec![0f64; d];
+    for (w, o) in out.chunks_exact_mut(d).enumerate() {
+        let (i, h) = (w / num_heads, w % num_heads);
+        let g = h / plan.group;
+        q.read_f32(w * d, &mut qv);
+        let (lo, hi) = plan.visible(i);
+        let row = |pos: usize| (g * n + pos - plan.first) * d;
+        scores.clear();
+        for pos in lo..=hi {
+            let kr = &k[row(pos)..][..d];
+            let dot: f64 = qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mut s = dot * cfg.scale as f64;
+            if cfg.softcap > 0.0 {
+                let c = cfg.softcap as f64;
+                s = c * (s / c).tanh();
+            }
+            scores.push(s);
+        }
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        acc.fill(0.0);
+        for (pos, s) in (lo..=hi).zip(&scores) {
+            let p = (s - m).exp();
+            sum += p;
+            for (a, x) in acc.iter_mut().zip(&v[row(pos)..][..d]) {
+                *a += p * *x as f64;
+            }
+        }
+        for (o, a) in o.iter_mut().zip(&acc) {
+            *o = (a / sum) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// Everything one (query, head) item reads.
+struct Ctx<'a> {
+    q: Src<'a>,
+    plan: AttentionPlan,
+    cfg: AttentionConfig,
+    cache: &'a KvCache,
+    keys: Plane<'a>,
+    values: Plane<'a>,
+    d: usize,
+    capacity: usize,
+    /// Multiplies the rotated query: `scale × norm_mul`.
+    q_mul: f32,
+    /// Multiplies the accumulated values: `norm_mul`.
+    v_mul: f32,
+}
+
+/// One side of the cache as the kernels read it.
+struct Plane<'a> {
+    packed: &'a [u8],
+    norms: &'a [f32],
+    row_bytes: usize,
+    npp: usize,
+    bits: u32,
+    /// Centroids, zero-padded to 256 entries (any u8 index is in bounds).
+    table: [f32; 256],
+}
+
+impl<'a> Plane<'a> {
+    fn new(cache: &'a KvCache, side: Side) -> Self {
+        let l = cache.layout();
+        let cb = cache.codec().codebook(side);
+        let mut table = [0f32; 256];
+        table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
+        Self {
+            packed: cache.packed(side),
+            norms: cache.norms(side),
+            row_bytes: l.row_bytes(side),
+            npp: l.norms_per_pos(),
+            bits: cb.bits,
+            table,
+        }
+    }
+
+    #[inline(always)]
+    fn row(&self, at: usize) -> (&[u8], &[f32]) {
+        (
+            &self.packed[at * self.row_bytes..(at + 1) * self.row_bytes],
+            &self.norms[at * self.npp..(at + 1) * self.npp],
+        )
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(cache: &'a KvCache, q: Src<'a>, plan: AttentionPlan, cfg: &AttentionConfig) -> Self {
+        let l = cache.layout();
+        // Decoded coordinate = centroid × norm × norm_mul (dequantize's g, split in two).
+        let norm_mul = if l.head_dim <= 256 {
+            1.0 / cache.codec().sqrt_d()
+        } else {
+            1.0 / l.scale_factor_d512
+        };
+        Self {
+            q,
+            plan,
+            cfg: *cfg,
+            cache,
+            keys: Plane::new(cache, Side::Keys),
+            values: Plane::new(cache, Side::Values),
+            d: l.head_dim,
+            capacity: l.capacity,
+            q_mul: cfg.scale * norm_mul,
+            v_mul: norm_mul,
+        }
+    }
+}
+
+/// Per-thread scratch.
+struct Scratch {
+    q: [f32; 1024],
+    acc: [f32; 1024],
+    buf: [f32; 1024],
+    idx: [u8; 1024],
+    scores: Vec<f32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self {
+            q: [0.0; 1024],
+            acc: [0.0; 1024],
+            buf: [0.0; 1024],
+            idx: [0; 1024],
+            scores: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+}
+
+/// The row kernels one instruction set provides. `d` (a power of two ≥ 32) is the slice length;
+/// blocks are `min(d, 256)` coordinates, one norm each.
+trait Kernels {
+    /// `out[j] = table[idx_j]` for the packed `row` (`idx` is scratch of `d` bytes).
+    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]);
+    /// `Σ_b norms[b] · (q_b · x_b)`.
+    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32;
+    /// `acc_b += (w · norms[b]) · x_b`.
+    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]);
+}
+
+struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+        unpack_row(p.bits, row, idx);
+        for (o, &i) in out.iter_mut().zip(idx.iter()) {
+            *o = p.table[i as usize];
+        }
+    }
+
+    #[inline(always)]
+    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for ((qb, xb), &n) in q.chunks_exact(bl).zip(x.chunks_exact(bl)).zip(norms) {
+            let mut lanes = [0f32; 8];
+            for (qc, xc) in qb.chunks_exact(8).zip(xb.chunks_exact(8)) {
+                for k in 0..8 {
+                    lanes[k] += qc[k] * xc[k];
+                }
+            }
+            s += lanes.iter().sum::<f32>() * n;
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+        let bl = acc.len().min(256);
+        for ((ab, xb), &n) in acc.chunks_exact_mut(bl).zip(x.chunks_exact(bl)).zip(norms) {
+            let wn = w * n;
+            for (a, v) in ab.iter_mut().zip(xb) {
+                *a += wn * v;
+            }
+        }
+    }
+}
+
+/// One (query `i`, head `h`) item: rotate q, score the visible keys, softmax, accumulate the
+/// values, rotate the output back into `out` (`head_dim` values).
+#[inline(always)]
+fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &mut [f32]) {
+    let (d, cap) = (ctx.d, ctx.capacity);
+    let plan = &ctx.plan;
+    let g = h / plan.group;
+    let (lo, hi) = plan.visible(i);
+    let count = hi + 1 - lo;
+    let layout = ctx.cache.layout();
+    let rotation = ctx.cache.codec().rotation();
+
+    let q = &mut s.q[..d];
+    ctx.q.read_f32((i * plan.num_heads + h) * d, q);
+    rotation.forward(q);
+    for v in q.iter_mut() {
+        *v *= ctx.q_mul;
+    }
+
+    let (idx, buf) = (&mut s.idx[..d], &mut s.buf[..d]);
+    s.scores.resize(count, 0.0);
+    let first_slot = layout.slot(lo);
+    let mut slot = first_slot;
+    let mut max = f32::NEG_INFINITY;
+    let c = ctx.cfg.softcap;
+    for sc in s.scores.iter_mut() {
+        let (row, norms) = ctx.keys.row(g * cap + slot);
+        K::decode(&ctx.keys, row, idx, buf);
+        let mut x = K::dot(q, buf, norms);
+        if c > 0.0 {
+            x = c * (x / c).tanh();
+        }
+        *sc = x;
+        max = max.max(x);
+        slot += 1;
+        if slot == cap {
+            slot = 0;
+        }
+    }
+
+    let mut sum = 0f64;
+    for sc in s.scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc as f64;
+    }
+
+    let acc = &mut s.acc[..d];
+    acc.fill(0.0);
+    slot = first_slot;
+    for &p in s.scores.iter() {
+        let (row, norms) = ctx.values.row(g * cap + slot);
+        K::decode(&ctx.values, row, idx, buf);
+        K::axpy(acc, p, buf, norms);
+        slot += 1;
+        if slot == cap {
+            slot = 0;
+        }
+    }
+    let f = (ctx.v_mul as f64 / sum) as f32;
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a * f;
+    }
+    rotation.inverse(out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_avx2(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &mut [f32]) {
+    attend::<avx2::Avx2>(ctx, i, h, s, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 + FMA row kernels. Only reachable after runtime detection (`Isa::Avx2`).
+    use std::arch::x86_64::*;
+
+    use super::{Kernels, Plane};
+    use crate::pack::unpack_row;
+
+    pub(super) struct Avx2;
+
+    impl Kernels for Avx2 {
+        #[inline(always)]
+        fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+            // SAFETY: only instantiated inside `attend_avx2`, reached after detection.
+            unsafe { decode(p, row, idx, out) }
+        }
+
+        #[inline(always)]
+        fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+            // SAFETY: as above.
+            unsafe { dot(q, x, norms) }
+        }
+
+        #[inline(always)]
+        fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+            // SAFETY: as above.
+            unsafe { axpy(acc, w, x, norms) }
+        }
+    }
+
+    /// Looks up 8 indices (< 16, i32 lanes) in a 16-entry table held as two halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lut16(idx: __m256i, lo: __m256, hi: __m256) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(lo, idx);
+        let b = _mm256_permutevar8x32_ps(hi, idx);
+        // Bit 3 of the index, moved to the sign bit, selects the upper half.
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+        let t = &p.table;
+        // SAFETY: `t` has 256 entries; the unaligned loads read 8 of them.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        };
+        match p.bits {
+            4 => {
+                let mask = _mm_set1_epi8(0x0F);
+                for (c, o) in row.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
+                    // SAFETY: `c` has 16 bytes, `o` 32 floats.
+                    unsafe {
+                        let x = _mm_loadu_si128(c.as_ptr().cast());
+                        let l = _mm_and_si128(x, mask);
+                        let h = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+                        // Even coordinate in the low nibble: interleave low, high.
+                        let a = _mm_unpacklo_epi8(l, h);
+                        let b = _mm_unpackhi_epi8(l, h);
+                        let op = o.as_mut_ptr();
+                        _mm256_storeu_ps(op, lut16(_mm256_cvtepu8_epi32(a), lo, hi));
+                        let a8 = _mm_srli_si128::<8>(a);
+                        _mm256_storeu_ps(op.add(8), lut16(_mm256_cvtepu8_epi32(a8), lo, hi));
+                        _mm256_storeu_ps(op.add(16), lut16(_mm256_cvtepu8_epi32(b), lo, hi));
+                        let b8 = _mm_srli_si128::<8>(b);
+                        _mm256_storeu_ps(op.add(24), lut16(_mm256_cvtepu8_epi32(b8), lo, hi));
+                    }
+                }
+            }
+            2 | 3 => {
+                unpack_row(p.bits, row, idx);
+                for (c, o) in idx.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                    // SAFETY: `c` has 8 bytes, `o` 8 floats.
+                    unsafe {
+                        let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
+                        _mm256_storeu_ps(o.as_mut_ptr(), lut16(i, lo, hi));
+                    }
+                }
+            }
+            _ => {
+                unpack_row(p.bits, row, idx);
+                for (c, o) in idx.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                    // SAFETY: `c` has 8 bytes, `o` 8 floats; indices are u8 and `t` has 256
+                    // entries, so every gathered address is inside `t`.
+                    unsafe {
+                        let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
+                        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_i32gather_ps::<4>(t.as_ptr(), i));
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for ((qb, xb), &n) in q.chunks_exact(bl).zip(x.chunks_exact(bl)).zip(norms) {
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, xc) in qb.chunks_exact(32).zip(xb.chunks_exact(32)) {
+                for (k, a) in a.iter_mut().enumerate() {
+                    // SAFETY: `qc`, `xc` have 32 floats.
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qc.as_ptr().add(8 * k));
+                        let xv = _mm256_loadu_ps(xc.as_ptr().add(8 * k));
+                        *a = _mm256_fmadd_ps(qv, xv, *a);
+                    }
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+        let bl = acc.len().min(256);
+        for ((ab, xb), &n) in acc.chunks_exact_mut(bl).zip(x.chunks_exact(bl)).zip(norms) {
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, xc) in ab.chunks_exact_mut(8).zip(xb.chunks_exact(8)) {
+                // SAFETY: `ac`, `xc` have 8 floats.
+                unsafe {
+                    let r = _mm256_fmadd_ps(
+                        wn,
+                        _mm256_loadu_ps(xc.as_ptr()),
+                        _mm256_loadu_ps(ac.as_ptr()),
+                    );
+                    _mm256_storeu_ps(ac.as_mut_ptr(), r);
+                }
+            }
+        }
+    }
+}
