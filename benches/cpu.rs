@@ -6,9 +6,11 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use tqkv::cpu::{self, AttentionConfig};
+use tqkv::cpu::{self, AttentionConfig, Simd};
 use tqkv::rotation::splitmix64;
 use tqkv::{CacheLayout, Codec, Domain, Dst, KvCache, Side, Src};
 
@@ -119,20 +121,24 @@ fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
             )
         })
     });
-    g.bench_function("tqkv_4bit", |b| {
-        b.iter(|| {
+    for (name, simd) in [
+        ("tqkv_4bit", Simd::Auto),
+        ("tqkv_4bit_avx2", Simd::Avx2),
+        ("tqkv_4bit_portable", Simd::Portable),
+    ] {
+        if !simd.is_supported() {
+            continue;
+        }
+        g.bench_function(name, |b| {
             pool.install(|| {
-                cpu::attention(
-                    black_box(&cache),
-                    Src::F32(black_box(&q)),
-                    1,
-                    &cfg,
-                    &mut out,
-                )
-                .expect("attention")
+                b.iter(|| {
+                    let q = Src::F32(black_box(&q));
+                    cpu::attention_with(black_box(&cache), q, 1, &cfg, &mut out, simd)
+                        .expect("attention")
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
 }
 
@@ -147,12 +153,13 @@ fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Elements(vectors));
     g.bench_function("quantize_4bit", |b| {
-        b.iter(|| {
-            pool.install(|| {
+        pool.install(|| {
+            b.iter(|| {
+                let x = Src::F32(black_box(&x));
                 cpu::quantize(
                     &codec,
                     Side::Keys,
-                    Src::F32(black_box(&x)),
+                    x,
                     CODEC_TOKENS,
                     0,
                     &mut packed,
@@ -165,8 +172,8 @@ fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {
     let mut out = vec![0f32; x.len()];
     for (name, domain) in [("original", Domain::Original), ("rotated", Domain::Rotated)] {
         g.bench_function(BenchmarkId::new("dequantize_4bit", name), |b| {
-            b.iter(|| {
-                pool.install(|| {
+            pool.install(|| {
+                b.iter(|| {
                     cpu::dequantize_seq(
                         &codec,
                         Side::Keys,
@@ -185,11 +192,19 @@ fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {
     g.finish();
 }
 
-/// Mean time in ns of one criterion benchmark of this run, if it ran.
-fn mean_ns(id: &str) -> Option<f64> {
+/// When this run began: estimates older than this come from earlier runs.
+static START: OnceLock<SystemTime> = OnceLock::new();
+
+/// Time in ns per iteration (slope, else mean) of one criterion benchmark, if it ran in this
+/// run.
+fn time_ns(id: &str) -> Option<f64> {
     let p = Path::new("target/criterion")
         .join(id)
         .join("new/estimates.json");
+    let written = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+    if written < *START.get()? {
+        return None;
+    }
     let text = std::fs::read_to_string(p).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["slope"]["point_estimate"]
@@ -199,17 +214,20 @@ fn mean_ns(id: &str) -> Option<f64> {
 
 fn print_summary() {
     println!("\nsummary (one thread, head_dim {D}, {BITS}/{BITS} bits):");
-    if let (Some(base), Some(tq)) = (
-        mean_ns("attention_1head_4096/f32_dense"),
-        mean_ns("attention_1head_4096/tqkv_4bit"),
-    ) {
+    if let Some(base) = time_ns("attention_1head_4096/f32_dense") {
         println!(
-            "  attention, 1 query head × {CONTEXT} keys: f32 dense {:.1} µs, tqkv {:.1} µs, \
-             ratio tqkv / f32 = {:.2}",
-            base / 1e3,
-            tq / 1e3,
-            tq / base
+            "  attention, 1 query head × {CONTEXT} keys: f32 dense {:.1} µs",
+            base / 1e3
         );
+        for id in ["tqkv_4bit", "tqkv_4bit_avx2", "tqkv_4bit_portable"] {
+            if let Some(t) = time_ns(&format!("attention_1head_4096/{id}")) {
+                println!(
+                    "    {id}: {:.1} µs, ratio to f32 dense = {:.2}",
+                    t / 1e3,
+                    t / base
+                );
+            }
+        }
     }
     let vectors = (CODEC_TOKENS * CODEC_HEADS) as f64;
     for id in [
@@ -217,13 +235,14 @@ fn print_summary() {
         "codec/dequantize_4bit/original",
         "codec/dequantize_4bit/rotated",
     ] {
-        if let Some(t) = mean_ns(id) {
+        if let Some(t) = time_ns(id) {
             println!("  {id}: {:.2} M vectors/s", vectors / t * 1e3);
         }
     }
 }
 
 fn main() {
+    START.get_or_init(SystemTime::now);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()

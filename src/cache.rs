@@ -134,7 +134,7 @@ impl KvCache {
                 l.head_dim
             );
         }
-        if k.len() % per_token != 0 {
+        if !k.len().is_multiple_of(per_token) {
             invalid!(
                 "kv cache append: k and v have {} elements, not a multiple of num_kv_heads ({}) \
                  × head_dim ({})",

@@ -39,6 +39,14 @@ fn setup(
     Setup { cache, k, v }
 }
 
+/// Every kernel set this CPU runs (portable, and AVX2 / AVX-512 where present).
+fn kernels() -> Vec<Simd> {
+    [Simd::Auto, Simd::Portable, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|s| s.is_supported())
+        .collect()
+}
+
 fn queries(n_q: usize, heads: usize, d: usize, seed: u64) -> Vec<f32> {
     Gauss::new(seed).vec(n_q * heads * d)
 }
@@ -136,7 +144,7 @@ fn matches_the_reference_for_every_bit_width_and_head_dim() {
             let q = queries(3, 4, d, 7);
             let cfg = AttentionConfig::new(d);
             let want = reference(&s.cache, &q, 4, &cfg);
-            for simd in [Simd::Auto, Simd::Portable] {
+            for simd in kernels() {
                 let err = rel_err(&run(&s.cache, &q, 4, &cfg, simd), &want);
                 assert!(err < TOL, "bits {bits} d {d} {simd:?}: {err}");
             }
@@ -250,7 +258,7 @@ fn softcap_matches_the_reference_and_changes_the_output() {
     let s = setup(2, d, 64, n, 5, 4, CacheMode::Global, 17);
     let q: Vec<f32> = queries(2, 4, d, 18).iter().map(|x| 8.0 * x).collect();
     let cfg = AttentionConfig::new(d).with_softcap(5.0);
-    for simd in [Simd::Auto, Simd::Portable] {
+    for simd in kernels() {
         let got = run(&s.cache, &q, 4, &cfg, simd);
         assert!(rel_err(&got, &reference(&s.cache, &q, 4, &cfg)) < TOL);
     }
@@ -265,7 +273,7 @@ fn window_and_softcap_together_in_a_ring_match_the_reference() {
     let q: Vec<f32> = queries(6, 8, d, 20).iter().map(|x| 3.0 * x).collect();
     let cfg = AttentionConfig::new(d).with_window(10).with_softcap(20.0);
     let want = reference(&s.cache, &q, 8, &cfg);
-    for simd in [Simd::Auto, Simd::Portable] {
+    for simd in kernels() {
         assert!(rel_err(&run(&s.cache, &q, 8, &cfg, simd), &want) < TOL);
     }
 }
@@ -297,6 +305,40 @@ fn f16_queries_equal_their_f32_widening() {
     let mut out = vec![0f32; q32.len()];
     attention(&s.cache, Src::F16(&q16), 2, &cfg, &mut out).unwrap();
     assert_eq!(out, run(&s.cache, &q32, 2, &cfg, Simd::Auto));
+}
+
+#[test]
+fn every_kernel_set_gives_the_same_result_within_rounding() {
+    for (kb, vb) in [(4, 4), (4, 2), (3, 4), (8, 5)] {
+        for d in [32, 128, 512] {
+            let s = setup(2, d, 40, 37, kb, vb, CacheMode::Ring, 40 + d as u64);
+            let q = queries(3, 6, d, 41);
+            let cfg = AttentionConfig::new(d).with_window(20);
+            let base = run(&s.cache, &q, 6, &cfg, Simd::Portable);
+            for simd in kernels() {
+                let err = rel_err(&run(&s.cache, &q, 6, &cfg, simd), &base);
+                assert!(err < TOL, "{kb}/{vb} d {d} {simd:?}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_kernels_are_refused() {
+    let s = setup(1, 64, 8, 4, 4, 4, CacheMode::Global, 42);
+    let q = queries(1, 1, 64, 43);
+    let mut out = vec![0f32; 64];
+    for simd in [Simd::Avx2, Simd::Avx512] {
+        let r = attention_with(
+            &s.cache,
+            Src::F32(&q),
+            1,
+            &AttentionConfig::new(64),
+            &mut out,
+            simd,
+        );
+        assert_eq!(r.is_ok(), simd.is_supported(), "{simd:?}");
+    }
 }
 
 #[test]

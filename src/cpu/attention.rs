@@ -59,10 +59,29 @@ impl AttentionConfig {
 /// Which CPU kernels [`attention_with`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Simd {
-    /// The fastest the running CPU supports (AVX2 + FMA on x86-64, else portable).
+    /// The fastest the running CPU supports (AVX-512, else AVX2 + FMA, else portable).
     Auto,
     /// Plain Rust, auto-vectorized for the build target (what CPUs without AVX2 run).
     Portable,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+    /// AVX-512F (x86-64).
+    Avx512,
+}
+
+impl Simd {
+    /// Whether the running CPU can execute these kernels.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Simd::Auto | Simd::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => Simd::Avx2.is_supported() && is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
 }
 
 /// A validated attention call.
@@ -111,10 +130,10 @@ pub fn plan_attention(
     if q_len == 0 {
         return Ok(None);
     }
-    if num_heads == 0 || num_heads % kv != 0 {
+    if num_heads == 0 || !num_heads.is_multiple_of(kv) {
         invalid!("{op}: num_heads ({num_heads}) is not a positive multiple of num_kv_heads ({kv})");
     }
-    if q_len % (num_heads * d) != 0 {
+    if !q_len.is_multiple_of(num_heads * d) {
         invalid!(
             "{op}: q has {q_len} elements, not a multiple of num_heads ({num_heads}) × \
              head_dim ({d})"
@@ -173,13 +192,23 @@ pub fn attention_with(
     out: &mut [f32],
     simd: Simd,
 ) -> Result<()> {
-    let Some(plan) = plan_attention("attention", cache, q.len(), num_heads, cfg, out.len())? else {
+    let op = "attention";
+    let Some(plan) = plan_attention(op, cache, q.len(), num_heads, cfg, out.len())? else {
         return Ok(());
     };
+    if !simd.is_supported() {
+        invalid!("{op}: this CPU cannot run the {simd:?} kernels");
+    }
     let ctx = Ctx::new(cache, q, plan, cfg);
     let isa = match simd {
         Simd::Auto => Isa::detect(),
         Simd::Portable => Isa::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => Isa::Avx2,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => Isa::Avx512,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => Isa::Portable,
     };
     let d = cache.layout().head_dim;
     let job = |s: &mut Scratch, (w, o): (usize, &mut [f32])| {
@@ -189,6 +218,9 @@ pub fn attention_with(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
             Isa::Avx2 => unsafe { attend_avx2(&ctx, i, h, s, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU has AVX-512F, AVX2 and FMA.
+            Isa::Avx512 => unsafe { attend_avx512(&ctx, i, h, s, o) },
         }
     };
     let visits = plan.n_q * num_heads * (plan.len - plan.first);
@@ -368,45 +400,107 @@ enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
+        {
+            if Simd::Avx512.is_supported() {
+                return Isa::Avx512;
+            }
+            if Simd::Avx2.is_supported() {
+                return Isa::Avx2;
+            }
         }
         Isa::Portable
+    }
+}
+
+/// Reorders every group of `g` coordinates to `[even coordinates, odd coordinates]`: the order
+/// in which the 4-bit kernels decode a row (low nibbles, then high nibbles). `tmp`: `g` floats.
+#[inline(always)]
+fn split_even_odd(x: &mut [f32], g: usize, tmp: &mut [f32]) {
+    for c in x.chunks_exact_mut(g) {
+        tmp[..g].copy_from_slice(c);
+        for k in 0..g / 2 {
+            c[k] = tmp[2 * k];
+            c[g / 2 + k] = tmp[2 * k + 1];
+        }
+    }
+}
+
+/// The inverse of [`split_even_odd`].
+#[inline(always)]
+fn merge_even_odd(x: &mut [f32], g: usize, tmp: &mut [f32]) {
+    for c in x.chunks_exact_mut(g) {
+        tmp[..g].copy_from_slice(c);
+        for k in 0..g / 2 {
+            c[2 * k] = tmp[k];
+            c[2 * k + 1] = tmp[g / 2 + k];
+        }
     }
 }
 
 /// The row kernels one instruction set provides. `d` (a power of two ≥ 32) is the slice length;
 /// blocks are `min(d, 256)` coordinates, one norm each.
 trait Kernels {
-    /// `out[j] = table[idx_j]` for the packed `row` (`idx` is scratch of `d` bytes).
-    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]);
-    /// `Σ_b norms[b] · (q_b · x_b)`.
-    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32;
-    /// `acc_b += (w · norms[b]) · x_b`.
-    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]);
+    /// Coordinates per group that 4-bit rows decode as `[evens, odds]` (see
+    /// [`split_even_odd`]); 0 when 4-bit rows decode in natural order.
+    const SPLIT4: usize;
+    /// `Σ_b norms[b] · (q_b · c_b)`, `c_j = table[idx_j]` the centroids of the packed `row`.
+    /// `idx` (`d` bytes) and `buf` (`d` floats) are scratch.
+    fn score(
+        p: &Plane<'_>,
+        q: &[f32],
+        row: &[u8],
+        norms: &[f32],
+        idx: &mut [u8],
+        buf: &mut [f32],
+    ) -> f32;
+    /// `acc_b += (w · norms[b]) · c_b`, with `c` and the scratch as in [`Kernels::score`].
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+        idx: &mut [u8],
+        buf: &mut [f32],
+    );
+}
+
+/// Portable row decode: `out[j] = table[idx_j]`.
+#[inline(always)]
+fn decode_portable(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+    unpack_row(p.bits, row, idx);
+    for (o, &i) in out.iter_mut().zip(idx.iter()) {
+        *o = p.table[i as usize];
+    }
 }
 
 struct Portable;
 
 impl Kernels for Portable {
-    #[inline(always)]
-    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
-        unpack_row(p.bits, row, idx);
-        for (o, &i) in out.iter_mut().zip(idx.iter()) {
-            *o = p.table[i as usize];
-        }
-    }
+    const SPLIT4: usize = 0;
 
     #[inline(always)]
-    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+    fn score(
+        p: &Plane<'_>,
+        q: &[f32],
+        row: &[u8],
+        norms: &[f32],
+        idx: &mut [u8],
+        buf: &mut [f32],
+    ) -> f32 {
+        decode_portable(p, row, idx, buf);
         let bl = q.len().min(256);
         let mut s = 0.0;
-        for ((qb, xb), &n) in q.chunks_exact(bl).zip(x.chunks_exact(bl)).zip(norms) {
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, xb) = (&q[b * bl..(b + 1) * bl], &buf[b * bl..(b + 1) * bl]);
             let mut lanes = [0f32; 8];
             for (qc, xc) in qb.chunks_exact(8).zip(xb.chunks_exact(8)) {
                 for k in 0..8 {
@@ -419,9 +513,19 @@ impl Kernels for Portable {
     }
 
     #[inline(always)]
-    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+    fn accumulate(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+        idx: &mut [u8],
+        buf: &mut [f32],
+    ) {
+        decode_portable(p, row, idx, buf);
         let bl = acc.len().min(256);
-        for ((ab, xb), &n) in acc.chunks_exact_mut(bl).zip(x.chunks_exact(bl)).zip(norms) {
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, xb) = (&mut acc[b * bl..(b + 1) * bl], &buf[b * bl..(b + 1) * bl]);
             let wn = w * n;
             for (a, v) in ab.iter_mut().zip(xb) {
                 *a += wn * v;
@@ -448,8 +552,11 @@ fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &
     for v in q.iter_mut() {
         *v *= ctx.q_mul;
     }
-
     let (idx, buf) = (&mut s.idx[..d], &mut s.buf[..d]);
+    if K::SPLIT4 > 0 && ctx.keys.bits == 4 {
+        split_even_odd(q, K::SPLIT4, buf);
+    }
+
     s.scores.resize(count, 0.0);
     let first_slot = layout.slot(lo);
     let mut slot = first_slot;
@@ -457,8 +564,7 @@ fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &
     let c = ctx.cfg.softcap;
     for sc in s.scores.iter_mut() {
         let (row, norms) = ctx.keys.row(g * cap + slot);
-        K::decode(&ctx.keys, row, idx, buf);
-        let mut x = K::dot(q, buf, norms);
+        let mut x = K::score(&ctx.keys, q, row, norms, idx, buf);
         if c > 0.0 {
             x = c * (x / c).tanh();
         }
@@ -481,12 +587,14 @@ fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &
     slot = first_slot;
     for &p in s.scores.iter() {
         let (row, norms) = ctx.values.row(g * cap + slot);
-        K::decode(&ctx.values, row, idx, buf);
-        K::axpy(acc, p, buf, norms);
+        K::accumulate(&ctx.values, acc, p, row, norms, idx, buf);
         slot += 1;
         if slot == cap {
             slot = 0;
         }
+    }
+    if K::SPLIT4 > 0 && ctx.values.bits == 4 {
+        merge_even_odd(acc, K::SPLIT4, buf);
     }
     let f = (ctx.v_mul as f64 / sum) as f32;
     for (o, a) in out.iter_mut().zip(acc.iter()) {
@@ -502,6 +610,12 @@ fn attend_avx2(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &mut [f3
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn attend_avx512(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &mut [f32]) {
+    attend::<avx512::Avx512>(ctx, i, h, s, out)
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! AVX2 + FMA row kernels. Only reachable after runtime detection (`Isa::Avx2`).
     use std::arch::x86_64::*;
@@ -512,22 +626,120 @@ mod avx2 {
     pub(super) struct Avx2;
 
     impl Kernels for Avx2 {
+        const SPLIT4: usize = 16;
+
         #[inline(always)]
-        fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+        fn score(
+            p: &Plane<'_>,
+            q: &[f32],
+            row: &[u8],
+            norms: &[f32],
+            idx: &mut [u8],
+            buf: &mut [f32],
+        ) -> f32 {
             // SAFETY: only instantiated inside `attend_avx2`, reached after detection.
-            unsafe { decode(p, row, idx, out) }
+            unsafe {
+                if p.bits == 4 {
+                    score4(p, q, row, norms)
+                } else {
+                    decode(p, row, idx, buf);
+                    dot(q, buf, norms)
+                }
+            }
         }
 
         #[inline(always)]
-        fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+        fn accumulate(
+            p: &Plane<'_>,
+            acc: &mut [f32],
+            w: f32,
+            row: &[u8],
+            norms: &[f32],
+            idx: &mut [u8],
+            buf: &mut [f32],
+        ) {
             // SAFETY: as above.
-            unsafe { dot(q, x, norms) }
+            unsafe {
+                if p.bits == 4 {
+                    accumulate4(p, acc, w, row, norms)
+                } else {
+                    decode(p, row, idx, buf);
+                    axpy(acc, w, buf, norms)
+                }
+            }
         }
+    }
 
-        #[inline(always)]
-        fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
-            // SAFETY: as above.
-            unsafe { axpy(acc, w, x, norms) }
+    /// The 16-entry table of a ≤ 4-bit plane as two 8-float halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn halves(p: &Plane<'_>) -> (__m256, __m256) {
+        let t = &p.table;
+        // SAFETY: `t` has 256 entries; each load reads 8 of the first 16.
+        unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        }
+    }
+
+    /// Centroids of the 16 coordinates packed (4-bit) in `c[0..8]`, as (evens, odds).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn decode16(c: &[u8], lo: __m256, hi: __m256) -> (__m256, __m256) {
+        debug_assert!(c.len() >= 8);
+        // SAFETY: `c` has 8 bytes.
+        let b = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(c.as_ptr().cast()) });
+        (lut16(b, lo, hi), lut16(_mm256_srli_epi32::<4>(b), lo, hi))
+    }
+
+    /// [`Kernels::score`] for 4-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn score4(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let (lo, hi) = halves(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl / 2..(b + 1) * bl / 2]);
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(16)) {
+                let (e0, o0) = decode16(c, lo, hi);
+                let (e1, o1) = decode16(&c[8..], lo, hi);
+                for (k, v) in [e0, o0, e1, o1].into_iter().enumerate() {
+                    // SAFETY: `qc` has 32 floats.
+                    let qv = unsafe { _mm256_loadu_ps(qc.as_ptr().add(8 * k)) };
+                    a[k] = _mm256_fmadd_ps(qv, v, a[k]);
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 4-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate4(p: &Plane<'_>, acc: &mut [f32], w: f32, row: &[u8], norms: &[f32]) {
+        let (lo, hi) = halves(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let ab = &mut acc[b * bl..(b + 1) * bl];
+            let rb = &row[b * bl / 2..(b + 1) * bl / 2];
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(32).zip(rb.chunks_exact(16)) {
+                let (e0, o0) = decode16(c, lo, hi);
+                let (e1, o1) = decode16(&c[8..], lo, hi);
+                for (k, v) in [e0, o0, e1, o1].into_iter().enumerate() {
+                    // SAFETY: `ac` has 32 floats.
+                    unsafe {
+                        let at = ac.as_mut_ptr().add(8 * k);
+                        _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
+                    }
+                }
+            }
         }
     }
 
@@ -543,7 +755,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+    pub(super) fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
         let t = &p.table;
         // SAFETY: `t` has 256 entries; the unaligned loads read 8 of them.
         let (lo, hi) = unsafe {
@@ -609,10 +821,11 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+    pub(super) fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
         let bl = q.len().min(256);
         let mut s = 0.0;
-        for ((qb, xb), &n) in q.chunks_exact(bl).zip(x.chunks_exact(bl)).zip(norms) {
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, xb) = (&q[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
             let mut a = [_mm256_setzero_ps(); 4];
             for (qc, xc) in qb.chunks_exact(32).zip(xb.chunks_exact(32)) {
                 for (k, a) in a.iter_mut().enumerate() {
@@ -632,9 +845,10 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+    pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
         let bl = acc.len().min(256);
-        for ((ab, xb), &n) in acc.chunks_exact_mut(bl).zip(x.chunks_exact(bl)).zip(norms) {
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, xb) = (&mut acc[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
             let wn = _mm256_set1_ps(w * n);
             for (ac, xc) in ab.chunks_exact_mut(8).zip(xb.chunks_exact(8)) {
                 // SAFETY: `ac`, `xc` have 8 floats.
@@ -645,6 +859,129 @@ mod avx2 {
                         _mm256_loadu_ps(ac.as_ptr()),
                     );
                     _mm256_storeu_ps(ac.as_mut_ptr(), r);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512F row kernels for 4-bit rows (other widths use the AVX2 ones). Only reachable
+    //! after runtime detection (`Isa::Avx512`).
+    use std::arch::x86_64::*;
+
+    use super::avx2::{axpy, decode, dot};
+    use super::{Kernels, Plane};
+
+    pub(super) struct Avx512;
+
+    impl Kernels for Avx512 {
+        const SPLIT4: usize = 32;
+
+        #[inline(always)]
+        fn score(
+            p: &Plane<'_>,
+            q: &[f32],
+            row: &[u8],
+            norms: &[f32],
+            idx: &mut [u8],
+            buf: &mut [f32],
+        ) -> f32 {
+            // SAFETY: only instantiated inside `attend_avx512`, reached after detection.
+            unsafe {
+                if p.bits == 4 {
+                    score4(p, q, row, norms)
+                } else {
+                    decode(p, row, idx, buf);
+                    dot(q, buf, norms)
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn accumulate(
+            p: &Plane<'_>,
+            acc: &mut [f32],
+            w: f32,
+            row: &[u8],
+            norms: &[f32],
+            idx: &mut [u8],
+            buf: &mut [f32],
+        ) {
+            // SAFETY: as above.
+            unsafe {
+                if p.bits == 4 {
+                    accumulate4(p, acc, w, row, norms)
+                } else {
+                    decode(p, row, idx, buf);
+                    axpy(acc, w, buf, norms)
+                }
+            }
+        }
+    }
+
+    /// The 16 centroids of a 4-bit plane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn table(p: &Plane<'_>) -> __m512 {
+        // SAFETY: `p.table` has 256 entries; the load reads the first 16.
+        unsafe { _mm512_loadu_ps(p.table.as_ptr()) }
+    }
+
+    /// Centroids of the 32 coordinates packed (4-bit) in `c[0..16]`, as (evens, odds).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn decode32(c: &[u8], t: __m512) -> (__m512, __m512) {
+        debug_assert!(c.len() >= 16);
+        // SAFETY: `c` has 16 bytes.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().cast()) });
+        // The permute reads the low 4 bits of each lane: the low nibble, then the high one.
+        (
+            _mm512_permutexvar_ps(b, t),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), t),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn score4(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let t = table(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl / 2..(b + 1) * bl / 2]);
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(16)) {
+                let (e, o) = decode32(c, t);
+                // SAFETY: `qc` has 32 floats.
+                unsafe {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr()), e, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr().add(16)), o, a1);
+                }
+            }
+            s += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * n;
+        }
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn accumulate4(p: &Plane<'_>, acc: &mut [f32], w: f32, row: &[u8], norms: &[f32]) {
+        let t = table(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let ab = &mut acc[b * bl..(b + 1) * bl];
+            let rb = &row[b * bl / 2..(b + 1) * bl / 2];
+            let wn = _mm512_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(32).zip(rb.chunks_exact(16)) {
+                let (e, o) = decode32(c, t);
+                // SAFETY: `ac` has 32 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(wn, e, _mm512_loadu_ps(at)));
+                    let at = at.add(16);
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(wn, o, _mm512_loadu_ps(at)));
                 }
             }
         }
