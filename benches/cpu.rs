@@ -1,8 +1,12 @@
-//! CPU speed of tqkv on one thread: attention over the compressed cache against plain f32
-//! attention over the same tokens uncompressed, and quantize / dequantize throughput.
+//! CPU speed of tqkv on one thread (head_dim 128, 4/4 bits): attention of one query head over
+//! 4096 compressed tokens against plain f32 attention over the same 4096 tokens uncompressed,
+//! and quantize / dequantize throughput.
 //!
-//! `cargo bench --bench cpu` (head_dim 128, 4/4 bits). After criterion's report it prints the
-//! ratios of this run, read back from `target/criterion/*/new/estimates.json`.
+//! `cargo bench --bench cpu`. The f32 baseline is one auto-vectorized loop compiled for AVX2 +
+//! FMA and for AVX-512F (whichever the CPU has; x86-64 only); tqkv runs its automatic choice,
+//! its AVX2 kernels and its portable kernels. tqkv runs inside a one-thread rayon pool. After
+//! criterion's report the bench prints the ratios of this run, read back from
+//! `target/criterion/*/new/estimates.json`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -77,22 +81,29 @@ fn dense_attention_avx2(q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f3
     dense_attention(q, k, v, scale, s, o)
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// [`dense_attention`] compiled with AVX-512F as well (the fastest baseline where present).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn dense_attention_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    dense_attention(q, k, v, scale, s, o)
 }
 
-fn dense(q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f32], o: &mut [f32]) {
+/// The f32 baseline with the given instruction set (`Simd::Portable`: the build target's).
+fn dense(simd: Simd, q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { dense_attention_avx2(q, k, v, scale, s, o) };
+    match simd {
+        // SAFETY: callers pass a kernel set only when `simd.is_supported()`.
+        Simd::Avx512 => return unsafe { dense_attention_avx512(q, k, v, scale, s, o) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { dense_attention_avx2(q, k, v, scale, s, o) },
+        _ => {}
     }
     dense_attention(q, k, v, scale, s, o)
 }
@@ -109,18 +120,20 @@ fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
     let mut g = c.benchmark_group("attention_1head_4096");
     let mut scores = vec![0f32; CONTEXT];
     let mut out = vec![0f32; D];
-    g.bench_function("f32_dense", |b| {
-        b.iter(|| {
-            dense(
-                black_box(&q),
-                black_box(&k),
-                black_box(&v),
-                cfg.scale,
-                &mut scores,
-                &mut out,
-            )
-        })
-    });
+    for (name, simd) in [
+        ("f32_dense_avx512", Simd::Avx512),
+        ("f32_dense_avx2", Simd::Avx2),
+    ] {
+        if !simd.is_supported() {
+            continue;
+        }
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (q, k, v) = (black_box(&q), black_box(&k), black_box(&v));
+                dense(simd, q, k, v, cfg.scale, &mut scores, &mut out)
+            })
+        });
+    }
     for (name, simd) in [
         ("tqkv_4bit", Simd::Auto),
         ("tqkv_4bit_avx2", Simd::Avx2),
@@ -214,18 +227,23 @@ fn time_ns(id: &str) -> Option<f64> {
 
 fn print_summary() {
     println!("\nsummary (one thread, head_dim {D}, {BITS}/{BITS} bits):");
-    if let Some(base) = time_ns("attention_1head_4096/f32_dense") {
-        println!(
-            "  attention, 1 query head × {CONTEXT} keys: f32 dense {:.1} µs",
-            base / 1e3
-        );
-        for id in ["tqkv_4bit", "tqkv_4bit_avx2", "tqkv_4bit_portable"] {
-            if let Some(t) = time_ns(&format!("attention_1head_4096/{id}")) {
-                println!(
-                    "    {id}: {:.1} µs, ratio to f32 dense = {:.2}",
-                    t / 1e3,
-                    t / base
-                );
+    let group = "attention_1head_4096";
+    let base = ["f32_dense_avx512", "f32_dense_avx2"]
+        .into_iter()
+        .filter_map(|id| Some((id, time_ns(&format!("{group}/{id}"))?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    if let Some((base_id, base)) = base {
+        println!("  attention, 1 query head × {CONTEXT} keys, against the faster f32 baseline:");
+        for id in [
+            "f32_dense_avx512",
+            "f32_dense_avx2",
+            "tqkv_4bit",
+            "tqkv_4bit_avx2",
+            "tqkv_4bit_portable",
+        ] {
+            if let Some(t) = time_ns(&format!("{group}/{id}")) {
+                let r = t / base;
+                println!("    {id}: {:.1} µs, {r:.2} × {base_id}", t / 1e3);
             }
         }
     }

@@ -10,8 +10,12 @@
 //! (R orthogonal, so q·k = Rq·Rk), scored against the packed keys (centroid × norm, the norm
 //! applied once per key), the rotated values are accumulated with weight softmax × norm, and the
 //! output is rotated back once. No key or value is rotated and the cache is never materialized.
-//! Work is spread over (query, head) pairs with rayon. [`attention_reference`] dequantizes the
-//! cache to the original domain and runs dense attention in f64; tests compare the two.
+//! Work is spread over (query, head) pairs with rayon. The row kernels are chosen at run time:
+//! AVX-512F, else AVX2 + FMA, else portable Rust. The SIMD kernels decode 4-bit rows in
+//! registers (each byte's two nibbles index a 16-entry centroid table by permute), in the order
+//! `[even coordinates, odd coordinates]` per group; the query is reordered to match once, and the
+//! accumulator back once. [`attention_reference`] dequantizes the cache to the original domain
+//! and runs dense attention in f64; tests compare the two.
 
 use rayon::prelude::*;
 
