@@ -153,6 +153,23 @@ fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
         });
     }
     g.finish();
+
+    // Other bit widths (keys/values), automatic kernels: informative, no target.
+    let mut g = c.benchmark_group("attention_1head_4096_bits");
+    for (kb, vb) in [(2, 2), (3, 3), (5, 5), (6, 6), (8, 8), (8, 4)] {
+        let layout = CacheLayout::new(1, D, CONTEXT, kb, vb).expect("layout");
+        let mut cache = KvCache::new(layout).expect("cache");
+        cache.append(Src::F32(&k), Src::F32(&v)).expect("append");
+        g.bench_function(format!("tqkv_{kb}_{vb}"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    let q = Src::F32(black_box(&q));
+                    cpu::attention(black_box(&cache), q, 1, &cfg, &mut out).expect("attention")
+                })
+            })
+        });
+    }
+    g.finish();
 }
 
 fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {

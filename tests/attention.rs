@@ -309,7 +309,7 @@ fn f16_queries_equal_their_f32_widening() {
 
 #[test]
 fn every_kernel_set_gives_the_same_result_within_rounding() {
-    for (kb, vb) in [(4, 4), (4, 2), (3, 4), (8, 5)] {
+    for (kb, vb) in [(4, 4), (4, 2), (3, 4), (8, 5), (2, 3), (6, 8), (5, 6)] {
         for d in [32, 128, 512] {
             let s = setup(2, d, 40, 37, kb, vb, CacheMode::Ring, 40 + d as u64);
             let q = queries(3, 6, d, 41);
@@ -318,6 +318,11 @@ fn every_kernel_set_gives_the_same_result_within_rounding() {
             for simd in kernels() {
                 let err = rel_err(&run(&s.cache, &q, 6, &cfg, simd), &base);
                 assert!(err < TOL, "{kb}/{vb} d {d} {simd:?}: {err}");
+                let err = rel_err(
+                    &run(&s.cache, &q, 6, &cfg, simd),
+                    &reference(&s.cache, &q, 6, &cfg),
+                );
+                assert!(err < TOL, "{kb}/{vb} d {d} {simd:?} vs reference: {err}");
             }
         }
     }

@@ -327,6 +327,9 @@ struct Plane<'a> {
     bits: u32,
     /// Centroids, zero-padded to 256 entries (any u8 index is in bounds).
     table: [f32; 256],
+    /// For 2 and 3 bits: `table8[i] = centroid[i mod 2^bits]`, so that any 3 low bits of an
+    /// index select its centroid.
+    table8: [f32; 8],
 }
 
 impl<'a> Plane<'a> {
@@ -335,6 +338,8 @@ impl<'a> Plane<'a> {
         let cb = cache.codec().codebook(side);
         let mut table = [0f32; 256];
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
+        let n = cb.centroids.len();
+        let table8 = std::array::from_fn(|i| if n <= 8 { cb.centroids[i % n] } else { 0.0 });
         Self {
             packed: cache.packed(side),
             norms: cache.norms(side),
@@ -342,6 +347,7 @@ impl<'a> Plane<'a> {
             npp: l.norms_per_pos(),
             bits: cb.bits,
             table,
+            table8,
         }
     }
 
@@ -625,8 +631,6 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Kernels, Plane};
-    use crate::pack::unpack_row;
-
     pub(super) struct Avx2;
 
     impl Kernels for Avx2 {
@@ -638,16 +642,19 @@ mod avx2 {
             q: &[f32],
             row: &[u8],
             norms: &[f32],
-            idx: &mut [u8],
+            _idx: &mut [u8],
             buf: &mut [f32],
         ) -> f32 {
             // SAFETY: only instantiated inside `attend_avx2`, reached after detection.
             unsafe {
-                if p.bits == 4 {
-                    score4(p, q, row, norms)
-                } else {
-                    decode(p, row, idx, buf);
-                    dot(q, buf, norms)
+                match p.bits {
+                    2 => score_small::<2>(p, q, row, norms),
+                    3 => score_small::<3>(p, q, row, norms),
+                    4 => score4(p, q, row, norms),
+                    _ => {
+                        decode_bytes(p, row, buf);
+                        dot(q, buf, norms)
+                    }
                 }
             }
         }
@@ -659,16 +666,103 @@ mod avx2 {
             w: f32,
             row: &[u8],
             norms: &[f32],
-            idx: &mut [u8],
+            _idx: &mut [u8],
             buf: &mut [f32],
         ) {
             // SAFETY: as above.
             unsafe {
-                if p.bits == 4 {
-                    accumulate4(p, acc, w, row, norms)
-                } else {
-                    decode(p, row, idx, buf);
-                    axpy(acc, w, buf, norms)
+                match p.bits {
+                    2 => accumulate_small::<2>(p, acc, w, row, norms),
+                    3 => accumulate_small::<3>(p, acc, w, row, norms),
+                    4 => accumulate4(p, acc, w, row, norms),
+                    _ => {
+                        decode_bytes(p, row, buf);
+                        axpy(acc, w, buf, norms)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Indices (low `B` bits of each lane; higher bits are garbage) of the 8 coordinates
+    /// `8j..8j + 8` of a 2- or 3-bit row, in natural order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn small_idx<const B: u32>(row: &[u8], j: usize) -> __m256i {
+        if B == 2 {
+            let v = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
+            _mm256_srlv_epi32(
+                _mm256_set1_epi32(v as i32),
+                _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+            )
+        } else {
+            let v = u32::from_le_bytes([row[3 * j], row[3 * j + 1], row[3 * j + 2], 0]);
+            _mm256_srlv_epi32(
+                _mm256_set1_epi32(v as i32),
+                _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21),
+            )
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn table8(p: &Plane<'_>) -> __m256 {
+        // SAFETY: `table8` has 8 floats.
+        unsafe { _mm256_loadu_ps(p.table8.as_ptr()) }
+    }
+
+    /// [`Kernels::score`] for 2- and 3-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn score_small<const B: u32>(
+        p: &Plane<'_>,
+        q: &[f32],
+        row: &[u8],
+        norms: &[f32],
+    ) -> f32 {
+        let t = table8(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let qb = &q[b * bl..(b + 1) * bl];
+            let j0 = b * bl / 8;
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for (k, qc) in qb.chunks_exact(16).enumerate() {
+                let v0 = _mm256_permutevar8x32_ps(t, small_idx::<B>(row, j0 + 2 * k));
+                let v1 = _mm256_permutevar8x32_ps(t, small_idx::<B>(row, j0 + 2 * k + 1));
+                // SAFETY: `qc` has 16 floats.
+                unsafe {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qc.as_ptr()), v0, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qc.as_ptr().add(8)), v1, a1);
+                }
+            }
+            s += hsum(_mm256_add_ps(a0, a1)) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 2- and 3-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn accumulate_small<const B: u32>(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+    ) {
+        let t = table8(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let ab = &mut acc[b * bl..(b + 1) * bl];
+            let j0 = b * bl / 8;
+            let wn = _mm256_set1_ps(w * n);
+            for (k, ac) in ab.chunks_exact_mut(8).enumerate() {
+                let v = _mm256_permutevar8x32_ps(t, small_idx::<B>(row, j0 + k));
+                // SAFETY: `ac` has 8 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
                 }
             }
         }
@@ -757,59 +851,17 @@ mod avx2 {
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
+    /// `out[j] = table[row[j]]` for rows of one byte per index (5, 6, 8 bits).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn decode(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
+    fn decode_bytes(p: &Plane<'_>, row: &[u8], out: &mut [f32]) {
         let t = &p.table;
-        // SAFETY: `t` has 256 entries; the unaligned loads read 8 of them.
-        let (lo, hi) = unsafe {
-            (
-                _mm256_loadu_ps(t.as_ptr()),
-                _mm256_loadu_ps(t.as_ptr().add(8)),
-            )
-        };
-        match p.bits {
-            4 => {
-                let mask = _mm_set1_epi8(0x0F);
-                for (c, o) in row.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-                    // SAFETY: `c` has 16 bytes, `o` 32 floats.
-                    unsafe {
-                        let x = _mm_loadu_si128(c.as_ptr().cast());
-                        let l = _mm_and_si128(x, mask);
-                        let h = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
-                        // Even coordinate in the low nibble: interleave low, high.
-                        let a = _mm_unpacklo_epi8(l, h);
-                        let b = _mm_unpackhi_epi8(l, h);
-                        let op = o.as_mut_ptr();
-                        _mm256_storeu_ps(op, lut16(_mm256_cvtepu8_epi32(a), lo, hi));
-                        let a8 = _mm_srli_si128::<8>(a);
-                        _mm256_storeu_ps(op.add(8), lut16(_mm256_cvtepu8_epi32(a8), lo, hi));
-                        _mm256_storeu_ps(op.add(16), lut16(_mm256_cvtepu8_epi32(b), lo, hi));
-                        let b8 = _mm_srli_si128::<8>(b);
-                        _mm256_storeu_ps(op.add(24), lut16(_mm256_cvtepu8_epi32(b8), lo, hi));
-                    }
-                }
-            }
-            2 | 3 => {
-                unpack_row(p.bits, row, idx);
-                for (c, o) in idx.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
-                    // SAFETY: `c` has 8 bytes, `o` 8 floats.
-                    unsafe {
-                        let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
-                        _mm256_storeu_ps(o.as_mut_ptr(), lut16(i, lo, hi));
-                    }
-                }
-            }
-            _ => {
-                unpack_row(p.bits, row, idx);
-                for (c, o) in idx.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
-                    // SAFETY: `c` has 8 bytes, `o` 8 floats; indices are u8 and `t` has 256
-                    // entries, so every gathered address is inside `t`.
-                    unsafe {
-                        let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
-                        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_i32gather_ps::<4>(t.as_ptr(), i));
-                    }
-                }
+        for (c, o) in row.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: `c` has 8 bytes, `o` 8 floats; indices are u8 and `t` has 256 entries,
+            // so every gathered address is inside `t`.
+            unsafe {
+                let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_i32gather_ps::<4>(t.as_ptr(), i));
             }
         }
     }
@@ -875,7 +927,7 @@ mod avx512 {
     //! after runtime detection (`Isa::Avx512`).
     use std::arch::x86_64::*;
 
-    use super::avx2::{axpy, decode, dot};
+    use super::avx2::{accumulate_small, score_small};
     use super::{Kernels, Plane};
 
     pub(super) struct Avx512;
@@ -889,16 +941,18 @@ mod avx512 {
             q: &[f32],
             row: &[u8],
             norms: &[f32],
-            idx: &mut [u8],
-            buf: &mut [f32],
+            _idx: &mut [u8],
+            _buf: &mut [f32],
         ) -> f32 {
             // SAFETY: only instantiated inside `attend_avx512`, reached after detection.
             unsafe {
-                if p.bits == 4 {
-                    score4(p, q, row, norms)
-                } else {
-                    decode(p, row, idx, buf);
-                    dot(q, buf, norms)
+                match p.bits {
+                    2 => score_small::<2>(p, q, row, norms),
+                    3 => score_small::<3>(p, q, row, norms),
+                    4 => score4(p, q, row, norms),
+                    5 => score_bytes::<5>(p, q, row, norms),
+                    6 => score_bytes::<6>(p, q, row, norms),
+                    _ => score_bytes::<8>(p, q, row, norms),
                 }
             }
         }
@@ -910,16 +964,108 @@ mod avx512 {
             w: f32,
             row: &[u8],
             norms: &[f32],
-            idx: &mut [u8],
-            buf: &mut [f32],
+            _idx: &mut [u8],
+            _buf: &mut [f32],
         ) {
             // SAFETY: as above.
             unsafe {
-                if p.bits == 4 {
-                    accumulate4(p, acc, w, row, norms)
-                } else {
-                    decode(p, row, idx, buf);
-                    axpy(acc, w, buf, norms)
+                match p.bits {
+                    2 => accumulate_small::<2>(p, acc, w, row, norms),
+                    3 => accumulate_small::<3>(p, acc, w, row, norms),
+                    4 => accumulate4(p, acc, w, row, norms),
+                    5 => accumulate_bytes::<5>(p, acc, w, row, norms),
+                    6 => accumulate_bytes::<6>(p, acc, w, row, norms),
+                    _ => accumulate_bytes::<8>(p, acc, w, row, norms),
+                }
+            }
+        }
+    }
+
+    /// Centroids of 16 one-byte indices (`c[0..16]`, 5, 6 or 8 bits): two-register permutes
+    /// over 32-entry slices of the table, merged by the higher index bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn lookup_bytes<const B: u32>(c: &[u8], t: &[__m512; 16]) -> __m512 {
+        debug_assert!(c.len() >= 16);
+        // SAFETY: `c` has 16 bytes.
+        let i = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().cast()) });
+        let slice = |k: usize| _mm512_permutex2var_ps(t[2 * k], i, t[2 * k + 1]);
+        let bit = |b: i32| _mm512_test_epi32_mask(i, _mm512_set1_epi32(1 << b));
+        match B {
+            5 => slice(0),
+            6 => _mm512_mask_blend_ps(bit(5), slice(0), slice(1)),
+            _ => {
+                let b5 = bit(5);
+                let q0 = _mm512_mask_blend_ps(b5, slice(0), slice(1));
+                let q1 = _mm512_mask_blend_ps(b5, slice(2), slice(3));
+                let q2 = _mm512_mask_blend_ps(b5, slice(4), slice(5));
+                let q3 = _mm512_mask_blend_ps(b5, slice(6), slice(7));
+                let b6 = bit(6);
+                let r0 = _mm512_mask_blend_ps(b6, q0, q1);
+                let r1 = _mm512_mask_blend_ps(b6, q2, q3);
+                _mm512_mask_blend_ps(bit(7), r0, r1)
+            }
+        }
+    }
+
+    /// The table as sixteen 16-float registers (only the first `2^B` entries are loaded).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn table256<const B: u32>(p: &Plane<'_>) -> [__m512; 16] {
+        let t = p.table.as_ptr();
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (k, r) in r.iter_mut().enumerate().take((1 << B) / 16) {
+            // SAFETY: `p.table` has 256 entries; k < 16.
+            *r = unsafe { _mm512_loadu_ps(t.add(16 * k)) };
+        }
+        r
+    }
+
+    /// [`Kernels::score`] for rows of one byte per index.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn score_bytes<const B: u32>(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let t = table256::<B>(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(32)) {
+                let v0 = lookup_bytes::<B>(c, &t);
+                let v1 = lookup_bytes::<B>(&c[16..], &t);
+                // SAFETY: `qc` has 32 floats.
+                unsafe {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr()), v0, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr().add(16)), v1, a1);
+                }
+            }
+            s += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for rows of one byte per index.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn accumulate_bytes<const B: u32>(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+    ) {
+        let t = table256::<B>(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, rb) = (&mut acc[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let wn = _mm512_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(16).zip(rb.chunks_exact(16)) {
+                let v = lookup_bytes::<B>(c, &t);
+                // SAFETY: `ac` has 16 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(wn, v, _mm512_loadu_ps(at)));
                 }
             }
         }
