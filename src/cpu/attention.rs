@@ -330,6 +330,9 @@ struct Plane<'a> {
     /// For 2 and 3 bits: `table8[i] = centroid[i mod 2^bits]`, so that any 3 low bits of an
     /// index select its centroid.
     table8: [f32; 8],
+    /// For 4 bits: `pairs[b] = [centroid[b & 15], centroid[b >> 4]]`, the two coordinates of
+    /// packed byte b.
+    pairs: [[f32; 2]; 256],
 }
 
 impl<'a> Plane<'a> {
@@ -340,6 +343,13 @@ impl<'a> Plane<'a> {
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
         let n = cb.centroids.len();
         let table8 = std::array::from_fn(|i| if n <= 8 { cb.centroids[i % n] } else { 0.0 });
+        let pairs = std::array::from_fn(|b| {
+            if n == 16 {
+                [cb.centroids[b & 15], cb.centroids[b >> 4]]
+            } else {
+                [0.0; 2]
+            }
+        });
         Self {
             packed: cache.packed(side),
             norms: cache.norms(side),
@@ -348,6 +358,7 @@ impl<'a> Plane<'a> {
             bits: cb.bits,
             table,
             table8,
+            pairs,
         }
     }
 
@@ -486,9 +497,23 @@ trait Kernels {
 /// Portable row decode: `out[j] = table[idx_j]`.
 #[inline(always)]
 fn decode_portable(p: &Plane<'_>, row: &[u8], idx: &mut [u8], out: &mut [f32]) {
-    unpack_row(p.bits, row, idx);
-    for (o, &i) in out.iter_mut().zip(idx.iter()) {
-        *o = p.table[i as usize];
+    match p.bits {
+        4 => {
+            for (o, &b) in out.chunks_exact_mut(2).zip(row) {
+                o.copy_from_slice(&p.pairs[b as usize]);
+            }
+        }
+        5 | 6 | 8 => {
+            for (o, &i) in out.iter_mut().zip(row) {
+                *o = p.table[i as usize];
+            }
+        }
+        _ => {
+            unpack_row(p.bits, row, idx);
+            for (o, &i) in out.iter_mut().zip(idx.iter()) {
+                *o = p.table[i as usize];
+            }
+        }
     }
 }
 
