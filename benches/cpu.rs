@@ -199,6 +199,29 @@ fn bench_codec(c: &mut Criterion, pool: &rayon::ThreadPool) {
             })
         })
     });
+    // Other bit widths: informative, no target.
+    for bits in [2, 3, 5, 6, 8] {
+        let l = CacheLayout::new(CODEC_HEADS, D, CODEC_TOKENS, bits, bits).expect("layout");
+        let codec = Codec::new(l).expect("codec");
+        let mut packed = vec![0u8; l.packed_len(Side::Keys)];
+        g.bench_function(format!("quantize_{bits}bit"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    let x = Src::F32(black_box(&x));
+                    cpu::quantize(
+                        &codec,
+                        Side::Keys,
+                        x,
+                        CODEC_TOKENS,
+                        0,
+                        &mut packed,
+                        &mut norms,
+                    )
+                    .expect("quantize")
+                })
+            })
+        });
+    }
     let mut out = vec![0f32; x.len()];
     for (name, domain) in [("original", Domain::Original), ("rotated", Domain::Rotated)] {
         g.bench_function(BenchmarkId::new("dequantize_4bit", name), |b| {
@@ -264,11 +287,25 @@ fn print_summary() {
             }
         }
     }
+    if let Some((base_id, base)) = base {
+        for (kb, vb) in [(2, 2), (3, 3), (5, 5), (6, 6), (8, 8), (8, 4)] {
+            let id = format!("tqkv_{kb}_{vb}");
+            if let Some(t) = time_ns(&format!("{group}_bits/{id}")) {
+                let r = t / base;
+                println!("    {id} (auto): {:.1} µs, {r:.2} × {base_id}", t / 1e3);
+            }
+        }
+    }
     let vectors = (CODEC_TOKENS * CODEC_HEADS) as f64;
     for id in [
         "codec/quantize_4bit",
         "codec/dequantize_4bit/original",
         "codec/dequantize_4bit/rotated",
+        "codec/quantize_2bit",
+        "codec/quantize_3bit",
+        "codec/quantize_5bit",
+        "codec/quantize_6bit",
+        "codec/quantize_8bit",
     ] {
         if let Some(t) = time_ns(id) {
             println!("  {id}: {:.2} M vectors/s", vectors / t * 1e3);
