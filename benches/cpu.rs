@@ -96,6 +96,7 @@ fn dense_attention_avx512(
 }
 
 /// The f32 baseline with the given instruction set (`Simd::Portable`: the build target's).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn dense(simd: Simd, q: &[f32], k: &[f32], v: &[f32], scale: f32, s: &mut [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match simd {

@@ -329,6 +329,7 @@ struct Plane<'a> {
     table: [f32; 256],
     /// For 2 and 3 bits: `table8[i] = centroid[i mod 2^bits]`, so that any 3 low bits of an
     /// index select its centroid.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     table8: [f32; 8],
     /// For 4 bits: `pairs[b] = [centroid[b & 15], centroid[b >> 4]]`, the two coordinates of
     /// packed byte b.
