@@ -6,6 +6,20 @@
 //! `p % capacity`. The retained positions are always the contiguous range
 //! [`KvCache::first`]`..`[`KvCache::len`]: everything in a global cache, the last `capacity`
 //! positions written in a ring (fewer after a [`KvCache::truncate`]).
+//!
+//! ```
+//! use tqkv::cpu::{attention, AttentionConfig};
+//! use tqkv::{CacheLayout, KvCache, Src};
+//! // One layer: 2 kv heads, head_dim 64, room for 32 tokens, 8-bit keys, 4-bit values.
+//! let mut cache = KvCache::new(CacheLayout::new(2, 64, 32, 8, 4)?)?;
+//! let kv: Vec<f32> = (0..5 * 2 * 64).map(|i| (i as f32 * 0.1).sin()).collect();
+//! cache.append(Src::F32(&kv), Src::F32(&kv))?; // prompt: 5 tokens, [5, 2, 64] each
+//! let q: Vec<f32> = (0..6 * 64).map(|i| (i as f32 * 0.3).cos()).collect(); // [1, 6 heads, 64]
+//! let mut out = vec![0f32; q.len()];
+//! attention(&cache, Src::F32(&q), 6, &AttentionConfig::new(64), &mut out)?;
+//! assert_eq!((cache.len(), cache.memory_bytes() > 0), (5, true));
+//! # Ok::<(), tqkv::TqError>(())
+//! ```
 
 use crate::codec::{Codec, Domain};
 use crate::cpu;
