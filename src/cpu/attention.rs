@@ -1008,10 +1008,11 @@ mod avx512 {
     }
 
     /// Centroids of 16 one-byte indices (`c[0..16]`, 5, 6 or 8 bits): two-register permutes
-    /// over 32-entry slices of the table, merged by the higher index bits.
+    /// over 32-entry slices of the table, merged by the higher index bits; 8 bits use the
+    /// codebook's symmetry to read only the lower 128 entries.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f")]
-    fn lookup_bytes<const B: u32>(c: &[u8], t: &[__m512; 16]) -> __m512 {
+    fn lookup_bytes<const B: u32>(c: &[u8], t: &[__m512; 8]) -> __m512 {
         debug_assert!(c.len() >= 16);
         // SAFETY: `c` has 16 bytes.
         let i = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().cast()) });
@@ -1021,26 +1022,30 @@ mod avx512 {
             5 => slice(0),
             6 => _mm512_mask_blend_ps(bit(5), slice(0), slice(1)),
             _ => {
-                let b5 = bit(5);
-                let q0 = _mm512_mask_blend_ps(b5, slice(0), slice(1));
-                let q1 = _mm512_mask_blend_ps(b5, slice(2), slice(3));
-                let q2 = _mm512_mask_blend_ps(b5, slice(4), slice(5));
-                let q3 = _mm512_mask_blend_ps(b5, slice(6), slice(7));
-                let b6 = bit(6);
-                let r0 = _mm512_mask_blend_ps(b6, q0, q1);
-                let r1 = _mm512_mask_blend_ps(b6, q2, q3);
-                _mm512_mask_blend_ps(bit(7), r0, r1)
+                // Codebooks are symmetric: C[255 - j] = -C[j]. Upper indices read the lower
+                // half at 255 - idx (= idx ^ 255) and flip the sign.
+                let upper = bit(7);
+                let j = _mm512_mask_xor_epi32(i, upper, i, _mm512_set1_epi32(255));
+                let half = |k: usize| _mm512_permutex2var_ps(t[2 * k], j, t[2 * k + 1]);
+                let jbit = |b: i32| _mm512_test_epi32_mask(j, _mm512_set1_epi32(1 << b));
+                let b5 = jbit(5);
+                let q0 = _mm512_mask_blend_ps(b5, half(0), half(1));
+                let q1 = _mm512_mask_blend_ps(b5, half(2), half(3));
+                let v = _mm512_castps_si512(_mm512_mask_blend_ps(jbit(6), q0, q1));
+                let sign = _mm512_set1_epi32(i32::MIN);
+                _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, upper, v, sign))
             }
         }
     }
 
-    /// The table as sixteen 16-float registers (only the first `2^B` entries are loaded).
+    /// The table entries [`lookup_bytes`] reads (the first `min(2^B, 128)`) as 16-float
+    /// registers.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f")]
-    fn table256<const B: u32>(p: &Plane<'_>) -> [__m512; 16] {
+    fn table256<const B: u32>(p: &Plane<'_>) -> [__m512; 8] {
         let t = p.table.as_ptr();
-        let mut r = [_mm512_setzero_ps(); 16];
-        for (k, r) in r.iter_mut().enumerate().take((1 << B) / 16) {
+        let mut r = [_mm512_setzero_ps(); 8];
+        for (k, r) in r.iter_mut().enumerate().take((1 << B.min(7)) / 16) {
             // SAFETY: `p.table` has 256 entries; k < 16.
             *r = unsafe { _mm512_loadu_ps(t.add(16 * k)) };
         }
