@@ -175,8 +175,10 @@ impl KvCache {
             );
         }
         // A ring overwrites retained slots: keep them to restore on failure. In a global
-        // cache the written slots lie at or past `len`, invisible until the append succeeds.
-        let backup = (l.mode == CacheMode::Ring).then(|| self.backup_slots(n_new));
+        // cache (or an empty ring) the written slots hold nothing visible until the append
+        // succeeds.
+        let backup =
+            (l.mode == CacheMode::Ring && !self.is_empty()).then(|| self.backup_slots(n_new));
         let written = self.quantize_both(k, v, n_new);
         if let Err(e) = written {
             if let Some(b) = backup {
