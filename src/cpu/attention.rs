@@ -331,6 +331,9 @@ struct Plane<'a> {
     /// index select its centroid.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     table8: [f32; 8],
+    /// For 2, 3 and 4 bits: `table16[i] = centroid[i mod 2^bits]` (any 4 low bits select).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    table16: [f32; 16],
     /// For 4 bits: `pairs[b] = [centroid[b & 15], centroid[b >> 4]]`, the two coordinates of
     /// packed byte b.
     pairs: [[f32; 2]; 256],
@@ -344,6 +347,7 @@ impl<'a> Plane<'a> {
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
         let n = cb.centroids.len();
         let table8 = std::array::from_fn(|i| if n <= 8 { cb.centroids[i % n] } else { 0.0 });
+        let table16 = std::array::from_fn(|i| if n <= 16 { cb.centroids[i % n] } else { 0.0 });
         let pairs = std::array::from_fn(|b| {
             if n == 16 {
                 [cb.centroids[b & 15], cb.centroids[b >> 4]]
@@ -359,6 +363,7 @@ impl<'a> Plane<'a> {
             bits: cb.bits,
             table,
             table8,
+            table16,
             pairs,
         }
     }
@@ -716,13 +721,15 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn small_idx<const B: u32>(row: &[u8], j: usize) -> __m256i {
         if B == 2 {
-            let v = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
+            let b = &row[2 * j..2 * j + 2];
+            let v = u16::from_le_bytes([b[0], b[1]]);
             _mm256_srlv_epi32(
                 _mm256_set1_epi32(v as i32),
                 _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
             )
         } else {
-            let v = u32::from_le_bytes([row[3 * j], row[3 * j + 1], row[3 * j + 2], 0]);
+            let b = &row[3 * j..3 * j + 3];
+            let v = u32::from_le_bytes([b[0], b[1], b[2], 0]);
             _mm256_srlv_epi32(
                 _mm256_set1_epi32(v as i32),
                 _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21),
@@ -953,7 +960,6 @@ mod avx512 {
     //! after runtime detection (`Isa::Avx512`).
     use std::arch::x86_64::*;
 
-    use super::avx2::{accumulate_small, score_small};
     use super::{Kernels, Plane};
 
     pub(super) struct Avx512;
@@ -973,8 +979,8 @@ mod avx512 {
             // SAFETY: only instantiated inside `attend_avx512`, reached after detection.
             unsafe {
                 match p.bits {
-                    2 => score_small::<2>(p, q, row, norms),
-                    3 => score_small::<3>(p, q, row, norms),
+                    2 => score_small512::<2>(p, q, row, norms),
+                    3 => score_small512::<3>(p, q, row, norms),
                     4 => score4(p, q, row, norms),
                     5 => score_bytes::<5>(p, q, row, norms),
                     6 => score_bytes::<6>(p, q, row, norms),
@@ -996,12 +1002,101 @@ mod avx512 {
             // SAFETY: as above.
             unsafe {
                 match p.bits {
-                    2 => accumulate_small::<2>(p, acc, w, row, norms),
-                    3 => accumulate_small::<3>(p, acc, w, row, norms),
+                    2 => accumulate_small512::<2>(p, acc, w, row, norms),
+                    3 => accumulate_small512::<3>(p, acc, w, row, norms),
                     4 => accumulate4(p, acc, w, row, norms),
                     5 => accumulate_bytes::<5>(p, acc, w, row, norms),
                     6 => accumulate_bytes::<6>(p, acc, w, row, norms),
                     _ => accumulate_bytes::<8>(p, acc, w, row, norms),
+                }
+            }
+        }
+    }
+
+    /// Indices (low 4 bits of each lane meaningful modulo `2^B`) of the 16 coordinates
+    /// `16j..16j + 16` of a 2- or 3-bit row, in natural order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn small_idx<const B: u32>(row: &[u8], j: usize) -> __m512i {
+        if B == 2 {
+            let b = &row[4 * j..4 * j + 4];
+            let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let shifts =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            _mm512_srlv_epi32(_mm512_set1_epi32(v as i32), shifts)
+        } else {
+            // 16 three-bit indices in 6 bytes: shift a 64-bit copy per lane, keep low dwords.
+            let at = 6 * j;
+            let v = match row.get(at..at + 8) {
+                Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+                None => {
+                    let b = &row[at..at + 6];
+                    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0])
+                }
+            };
+            let x = _mm512_set1_epi64(v as i64);
+            let lo = _mm512_srlv_epi64(x, _mm512_setr_epi64(0, 3, 6, 9, 12, 15, 18, 21));
+            let hi = _mm512_srlv_epi64(x, _mm512_setr_epi64(24, 27, 30, 33, 36, 39, 42, 45));
+            let low_dwords =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            _mm512_permutex2var_epi32(lo, low_dwords, hi)
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn table16(p: &Plane<'_>) -> __m512 {
+        // SAFETY: `table16` has 16 floats.
+        unsafe { _mm512_loadu_ps(p.table16.as_ptr()) }
+    }
+
+    /// [`Kernels::score`] for 2- and 3-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn score_small512<const B: u32>(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let t = table16(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let qb = &q[b * bl..(b + 1) * bl];
+            let j0 = b * bl / 16;
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for (k, qc) in qb.chunks_exact(32).enumerate() {
+                let v0 = _mm512_permutexvar_ps(small_idx::<B>(row, j0 + 2 * k), t);
+                let v1 = _mm512_permutexvar_ps(small_idx::<B>(row, j0 + 2 * k + 1), t);
+                // SAFETY: `qc` has 32 floats.
+                unsafe {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr()), v0, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr().add(16)), v1, a1);
+                }
+            }
+            s += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 2- and 3-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    fn accumulate_small512<const B: u32>(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+    ) {
+        let t = table16(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let ab = &mut acc[b * bl..(b + 1) * bl];
+            let j0 = b * bl / 16;
+            let wn = _mm512_set1_ps(w * n);
+            for (k, ac) in ab.chunks_exact_mut(16).enumerate() {
+                let v = _mm512_permutexvar_ps(small_idx::<B>(row, j0 + k), t);
+                // SAFETY: `ac` has 16 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(wn, v, _mm512_loadu_ps(at)));
                 }
             }
         }
