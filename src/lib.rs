@@ -14,6 +14,7 @@
 //! # Ok::<(), tqkv::TqError>(())
 //! ```
 
+pub mod cache;
 pub mod codebook;
 pub mod codec;
 pub mod cpu;
@@ -25,6 +26,7 @@ pub mod layout;
 pub mod pack;
 pub mod rotation;
 
+pub use cache::KvCache;
 pub use codec::{Codec, Domain};
 pub use dtype::{DType, Dst, Src};
 pub use error::{Result, TqError};

@@ -8,6 +8,8 @@
 //! 3. u_i = y_i · scale (one rounding); idx_i = number of codebook boundaries < u_i;
 //! 4. pack ([`crate::pack`]).
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::PARALLEL_MIN_VECTORS;
@@ -38,6 +40,101 @@ fn nearest(boundaries: &[f32], u: f32) -> u8 {
     idx as u8
 }
 
+/// Boundaries up to which counting (vectorized across coordinates) beats the binary search.
+const COUNT_MAX_BOUNDARIES: usize = 63;
+
+/// Cells of [`Grid`].
+const GRID_CELLS: usize = 2048;
+
+/// A uniform grid over the span of the 8-bit codebook's boundaries: `start[c]` is the number of
+/// boundaries below the left edge of cell c. It only gives a starting guess; a short scan in
+/// both directions then finds the exact count of boundaries `< u`.
+struct Grid {
+    boundaries: Vec<f32>,
+    lo: f32,
+    inv_width: f32,
+    start: Vec<u8>,
+}
+
+/// The grid of the 8-bit codebook, built once.
+fn grid_8() -> Option<&'static Grid> {
+    static GRID: OnceLock<Option<Grid>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let boundaries = Codebook::new(8).ok()?.boundaries;
+        let (lo, hi) = (*boundaries.first()?, *boundaries.last()?);
+        let inv_width = GRID_CELLS as f32 / (hi - lo);
+        let start = (0..GRID_CELLS)
+            .map(|c| {
+                let edge = lo + c as f32 / inv_width;
+                boundaries.iter().filter(|&&t| t < edge).count() as u8
+            })
+            .collect();
+        Some(Grid {
+            boundaries,
+            lo,
+            inv_width,
+            start,
+        })
+    })
+    .as_ref()
+}
+
+/// The number of `g.boundaries` (sorted, ascending) `< u`: equal to [`nearest`].
+#[inline(always)]
+fn grid_index(g: &Grid, u: f32) -> u8 {
+    if u.is_nan() {
+        return 0;
+    }
+    let b = &g.boundaries;
+    // Negative and NaN products cast to 0; the guess only needs to be close.
+    let c = (((u - g.lo) * g.inv_width) as usize).min(GRID_CELLS - 1);
+    let mut i = g.start[c] as usize;
+    while i < b.len() && b[i] < u {
+        i += 1;
+    }
+    while i > 0 && b[i - 1] >= u {
+        i -= 1;
+    }
+    i as u8
+}
+
+/// `idx_i` = number of boundaries `< y_i · scale` (one rounding for the product).
+#[inline(always)]
+fn indices(boundaries: &[f32], y: &[f32], scale: f32, idx: &mut [u8]) {
+    if boundaries.len() > COUNT_MAX_BOUNDARIES {
+        match grid_8().filter(|g| g.boundaries == boundaries) {
+            Some(g) => {
+                for (i, v) in idx.iter_mut().zip(y) {
+                    *i = grid_index(g, v * scale);
+                }
+            }
+            None => {
+                for (i, v) in idx.iter_mut().zip(y) {
+                    *i = nearest(boundaries, v * scale);
+                }
+            }
+        }
+        return;
+    }
+    let whole = y.len() / 32 * 32;
+    for (i, v) in idx[whole..].iter_mut().zip(&y[whole..]) {
+        *i = nearest(boundaries, v * scale);
+    }
+    for (yc, ic) in y.chunks_exact(32).zip(idx.chunks_exact_mut(32)) {
+        let mut u = [0f32; 32];
+        for (u, v) in u.iter_mut().zip(yc) {
+            *u = v * scale;
+        }
+        let mut count = [0u8; 32];
+        for &t in boundaries {
+            for (c, u) in count.iter_mut().zip(&u) {
+                *c += (t < *u) as u8;
+            }
+        }
+        ic.copy_from_slice(&count);
+    }
+}
+
 /// Quantizes one vector held in `y` (input x, overwritten by its rotation) into `row` and
 /// `norms` (`norms_per_pos` entries). `idx` is scratch of `head_dim` bytes.
 #[inline]
@@ -62,9 +159,7 @@ pub fn quantize_vector(
         } else {
             0.0
         };
-        for (i, v) in idx.iter_mut().zip(y.iter()) {
-            *i = nearest(&cb.boundaries, v * scale);
-        }
+        indices(&cb.boundaries, y, scale, idx);
     } else {
         let sf = codec.layout().scale_factor_d512;
         for ((yb, ib), nb) in y
@@ -78,9 +173,7 @@ pub fn quantize_vector(
             }
             *nb = r;
             let scale = if r > NORM_EPS { sf / r } else { 0.0 };
-            for (i, v) in ib.iter_mut().zip(yb) {
-                *i = nearest(&cb.boundaries, v * scale);
-            }
+            indices(&cb.boundaries, yb, scale, ib);
         }
     }
     pack_row(cb.bits, idx, row);
@@ -152,4 +245,33 @@ pub fn quantize(
         invalid!("{op}: input token {t}, head {h} has a non-finite value (or overflows f32 when squared)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_index_equals_the_binary_search_everywhere() {
+        let g = grid_8().expect("8-bit grid");
+        let b = &g.boundaries;
+        let mut probes = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e30,
+            -1e30,
+        ];
+        for &t in b {
+            probes.extend([t, t.next_up(), t.next_down()]);
+        }
+        // A dense sweep of [-6, 6] and every cell edge.
+        probes.extend((0..200_000).map(|i| -6.0 + i as f32 * 6e-5));
+        probes.extend((0..=GRID_CELLS).map(|c| g.lo + c as f32 / g.inv_width));
+        for u in probes {
+            assert_eq!(grid_index(g, u), nearest(b, u), "u = {u:e}");
+        }
+    }
 }
