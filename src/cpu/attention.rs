@@ -227,7 +227,7 @@ pub fn attention_with(
             Isa::Avx512 => unsafe { attend_avx512(&ctx, i, h, s, o) },
         }
     };
-    let visits = plan.n_q * num_heads * (plan.len - plan.first);
+    let visits = (plan.n_q * num_heads).saturating_mul(plan.len - plan.first);
     if visits < PARALLEL_MIN_KEY_VISITS {
         let mut s = Scratch::default();
         out.chunks_mut(d)
