@@ -1,6 +1,8 @@
 mod common;
 use common::{Gauss, BITS};
 use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use tqkv::{cpu, CacheLayout, CacheMode, Codec, Domain, Dst, KvCache, Side, Src, TqError};
 
 const HEADS: usize = 2;
@@ -392,4 +394,92 @@ fn ring_truncate_keeps_first_so_old_slots_are_not_resurrected() {
     assert!(c
         .dequantize(Side::Keys, 1, 1, Domain::Rotated, Dst::F32(&mut [0.0; 128]))
         .is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(usize),
+    Truncate(usize),
+    Reset,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0usize..7).prop_map(Op::Append),
+        1 => (0usize..12).prop_map(Op::Truncate),
+        1 => Just(Op::Reset),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        rng_seed: RngSeed::Fixed(0x7e57_cace),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// A model keeps every appended token; after each operation the cache's length, oldest
+    /// retained position and retained contents (bit for bit) match it, and each rejected
+    /// operation is the one the model rejects.
+    #[test]
+    fn cache_follows_a_model_of_appends_truncates_and_resets(
+        ring in any::<bool>(),
+        cap in 1usize..8,
+        ops in prop::collection::vec(op(), 1..24),
+        seed in any::<u64>(),
+    ) {
+        let d = 32;
+        let tok = HEADS * d;
+        let mode = if ring { CacheMode::Ring } else { CacheMode::Global };
+        let l = layout(d, cap, 3, 4, mode);
+        let mut c = KvCache::new(l).unwrap();
+        let mut g = Gauss::new(seed);
+        // The model: K and V of logical positions 0..len, `[len, HEADS, d]`, and `first`.
+        let (mut mk, mut mv, mut first) = (Vec::new(), Vec::new(), 0usize);
+        for op in ops {
+            let len = mk.len() / tok;
+            match op {
+                Op::Append(n) => {
+                    let (k, v) = (g.vec(n * tok), g.vec(n * tok));
+                    let r = c.append(Src::F32(&k), Src::F32(&v));
+                    if !ring && len + n > cap {
+                        prop_assert!(r.is_err());
+                    } else {
+                        prop_assert!(r.is_ok());
+                        mk.extend_from_slice(&k);
+                        mv.extend_from_slice(&v);
+                        if ring {
+                            first = first.max((len + n).saturating_sub(cap));
+                        }
+                    }
+                }
+                Op::Truncate(t) => {
+                    let r = c.truncate(t);
+                    if t > len || t < first {
+                        prop_assert!(r.is_err());
+                    } else {
+                        prop_assert!(r.is_ok());
+                        mk.truncate(t * tok);
+                        mv.truncate(t * tok);
+                    }
+                }
+                Op::Reset => {
+                    c.reset();
+                    mk.clear();
+                    mv.clear();
+                    first = 0;
+                }
+            }
+            let len = mk.len() / tok;
+            prop_assert_eq!((c.len(), c.first()), (len, first));
+            if len > first {
+                let n = len - first;
+                for (side, m) in [(Side::Keys, &mk), (Side::Values, &mv)] {
+                    let want = direct(l, side, &m[first * tok..len * tok], n, Domain::Rotated);
+                    prop_assert!(same_bits(&deq(&c, side, first, n, Domain::Rotated), &want));
+                }
+            }
+        }
+    }
 }

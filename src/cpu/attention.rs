@@ -11,11 +11,13 @@
 //! applied once per key), the rotated values are accumulated with weight softmax × norm, and the
 //! output is rotated back once. No key or value is rotated and the cache is never materialized.
 //! Work is spread over (query, head) pairs with rayon. The row kernels are chosen at run time:
-//! AVX-512F, else AVX2 + FMA, else portable Rust. The SIMD kernels decode 4-bit rows in
-//! registers (each byte's two nibbles index a 16-entry centroid table by permute), in the order
-//! `[even coordinates, odd coordinates]` per group; the query is reordered to match once, and the
-//! accumulator back once. [`attention_reference`] dequantizes the cache to the original domain
-//! and runs dense attention in f64; tests compare the two.
+//! AVX-512F, else AVX2 + FMA, else portable Rust. The SIMD kernels decode rows in registers:
+//! 4-bit rows by permutes over the 16 centroids, each byte's low then high nibble, so a group
+//! of coordinates comes out as `[evens, odds]` (the query is reordered to match once, the
+//! accumulator back once); 2- and 3-bit rows by per-lane variable shifts, in natural order;
+//! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512) or gathers (AVX2).
+//! [`attention_reference`] dequantizes the cache to the original domain and runs dense
+//! attention in f64; tests compare the two.
 
 use rayon::prelude::*;
 
@@ -227,7 +229,7 @@ pub fn attention_with(
             Isa::Avx512 => unsafe { attend_avx512(&ctx, i, h, s, o) },
         }
     };
-    let visits = plan.n_q * num_heads * (plan.len - plan.first);
+    let visits = (plan.n_q * num_heads).saturating_mul(plan.len - plan.first);
     if visits < PARALLEL_MIN_KEY_VISITS {
         let mut s = Scratch::default();
         out.chunks_mut(d)
@@ -345,6 +347,12 @@ impl<'a> Plane<'a> {
         let cb = cache.codec().codebook(side);
         let mut table = [0f32; 256];
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
+        // The AVX-512 8-bit lookup relies on C[n - 1 - i] = -C[i].
+        debug_assert!(cb
+            .centroids
+            .iter()
+            .zip(cb.centroids.iter().rev())
+            .all(|(a, b)| *a == -*b));
         let n = cb.centroids.len();
         let table8 = std::array::from_fn(|i| if n <= 8 { cb.centroids[i % n] } else { 0.0 });
         let table16 = std::array::from_fn(|i| if n <= 16 { cb.centroids[i % n] } else { 0.0 });
