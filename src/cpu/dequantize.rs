@@ -1,7 +1,7 @@
 //! Dequantize: packed indices + norms → vectors in the rotated or the original domain.
 //!
 //! Per vector: head_dim ≤ 256: g = n / sqrt_d; above: g_b = r_b / sf per 256-block;
-//! y_i = C[idx_i] · g (one rounding). Original domain: x = D(H y) ([`crate::rotation`]).
+//! `y_i = C[idx_i] · g` (one rounding). Original domain: x = D(H y) ([`crate::rotation`]).
 
 use crate::codec::{Codec, Domain};
 use crate::dtype::Dst;

@@ -168,7 +168,7 @@ impl CudaCodec {
         }
     }
 
-    /// GPU [`crate::cpu::quantize`]: `src: [n_tokens, num_kv_heads, head_dim]` (f32, f16 or
+    /// GPU [`crate::cpu::quantize()`]: `src: [n_tokens, num_kv_heads, head_dim]` (f32, f16 or
     /// bf16) into the packed plane `[num_kv_heads, capacity, row_bytes]` and the f32 norms plane,
     /// token t at logical position `write_pos + t` (ring and global rules of the CPU). One launch
     /// for any `n_tokens`; asynchronous on [`CudaCodec::stream`]. A non-finite input vector leaves
