@@ -50,7 +50,7 @@ for step in ${TQ_STEPS:-tests codec decode}; do
     tests)
         for t in "$here"/tests/*; do
             echo "== $(basename "$t")"
-            "$t" --test-threads=4 || status=1
+            "$t" --test-threads=4 --show-output || status=1
         done ;;
     codec)
         echo "== tqkv bench codec"
