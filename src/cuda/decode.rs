@@ -4,7 +4,7 @@
 //! Two launches on the codec's stream: `tq_decode_split` (grid `(num_splits, num_kv_heads,
 //! num_seqs)`, flash-decoding partial states per split) and `tq_decode_merge` (grid
 //! `(num_heads, num_seqs)`: log-sum-exp merge, inverse rotation, output dtype). The result
-//! matches [`crate::cpu::attention`] of the same cache within the f16 rounding of the kernel's
+//! matches [`crate::cpu::attention()`] of the same cache within the f16 rounding of the kernel's
 //! tensor-core operands (~2e-3 relative L2 over an output, see bench/NOTES-decode.md).
 
 use std::collections::HashMap;
@@ -280,7 +280,7 @@ impl BatchCache {
     /// or bf16) attends to every retained position of its sequence (the last `capacity` of a
     /// ring, the last `cfg.window` with a window) into `out` of the same shape and dtype, in the
     /// original domain. A sequence of length 0 gives zeros. The semantics of
-    /// [`crate::cpu::attention`] with one query at position `len - 1`. Asynchronous on the
+    /// [`crate::cpu::attention()`] with one query at position `len - 1`. Asynchronous on the
     /// codec's stream.
     pub fn attention(
         &self,
