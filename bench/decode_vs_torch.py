@@ -12,6 +12,9 @@ median of --reps.
 
 Usage (on the GPU machine): python3 decode_vs_torch.py [--check] [--bench] [--out DIR]
 Needs torch and cupy; compiles the kernel with NVRTC (ctypes) for sm_90a, loads it with cupy.
+--bench --sdpa-only --json FILE times only the PyTorch baseline (no cupy) and writes it as JSON;
+--table SDPA_JSON TQKV_JSON prints the speed-up table of `tqkv bench decode --json` against it
+(decode_vs_torch.sh rust runs all three).
 """
 import argparse
 import ctypes
@@ -428,10 +431,10 @@ def bench(src, args, log):
     # Without --variants: the best measured variant per bit width (NOTES-decode.md, v3).
     best_known = {(8, 8): (4, 4, 2)}
     kernels = {}
-    for kv in bits:
+    for kv in ([] if args.sdpa_only else bits):
         w, st, mb = best_known.get(kv, (4, 2, 3))
         kernels[kv] = TqDecode(src, kv[0], kv[1], d, G, torch.bfloat16, warps=w, stages=st, min_blocks=mb)
-    if args.variants:
+    if args.variants and not args.sdpa_only:
         variants = [tuple(map(int, v.split("x"))) for v in args.variants.split(",")]
         for kv in bits:
             best = None
@@ -502,6 +505,12 @@ def bench(src, args, log):
                                  extra=f"splits={splits} {mode}"))
                 del cache
             del q4, q
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), copy_gbs=copy_bw, torch=torch.__version__,
+                           rows=[dict(batch=r["B"], context=r["L"], side=r["side"], us=r["us"], bytes=r["bytes"])
+                                 for r in rows if r["speedup"] is None]), f)
     log("")
     log(f"| batch | context | side | µs | GB/s | % copy BW | speed-up vs best bf16 | notes |")
     log(f"|---|---|---|---|---|---|---|---|")
@@ -509,6 +518,31 @@ def bench(src, args, log):
         gbs = r["bytes"] / (r["us"] * 1e-6) / 1e9
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else ""
         log(f"| {r['B']} | {r['L']} | {r['side']} | {r['us']:.1f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% | {sp} | {r['extra']} |")
+
+
+def table(sdpa_path, tqkv_path, log):
+    """Speed-up of `tqkv bench decode` (Rust launch) over the bf16 SDPA baseline, same shapes."""
+    import json
+    sd = json.load(open(sdpa_path))
+    tq = json.load(open(tqkv_path))
+    base = {(r["batch"], r["context"]): r for r in sd["rows"]}
+    log(f"baseline: {sd['device']}, torch {sd['torch']}, copy {sd['copy_gbs']:.0f} GB/s; "
+        f"tqkv: {tq['device']}, copy {tq['copy_gbs']:.0f} GB/s")
+    log("| batch | context | bf16 SDPA µs (backend) | tqkv 8/8 µs | x | tqkv 4/4 µs | x | tqkv 4/2 µs | x |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    by = {}
+    for r in tq["rows"]:
+        by.setdefault((r["batch"], r["context"]), {})[f"{r['k_bits']}/{r['v_bits']}"] = r["us"]
+    for key in sorted(by):
+        b = base.get(key)
+        if b is None:
+            continue
+        cells = []
+        for bits in ["8/8", "4/4", "4/2"]:
+            us = by[key].get(bits)
+            cells += [f"{us:.1f}", f"{b['us'] / us:.2f}x"] if us else ["", ""]
+        backend = b["side"].split("(")[-1].rstrip(")")
+        log(f"| {key[0]} | {key[1]} | {b['us']:.1f} ({backend}) | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -526,10 +560,18 @@ def main():
     ap.add_argument("--bits", default="8/8,4/4,4/2")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="4096,16384,65536")
+    ap.add_argument("--sdpa-only", action="store_true", help="--bench times only the PyTorch baseline")
+    ap.add_argument("--json", default="", help="--bench writes the baseline rows here")
+    ap.add_argument("--table", nargs=2, metavar=("SDPA_JSON", "TQKV_JSON"), help="print the speed-up table")
     args = ap.parse_args()
-    kpath = args.kernel or find_file(os.path.join(HERE, "decode_attention.cu"),
-                                     os.path.join(HERE, "..", "kernels", "decode_attention.cu"))
-    src = open(kpath).read()
+    if args.table:
+        table(args.table[0], args.table[1], print)
+        return
+    src = None
+    if args.check or args.profile or not args.sdpa_only:
+        kpath = args.kernel or find_file(os.path.join(HERE, "decode_attention.cu"),
+                                         os.path.join(HERE, "..", "kernels", "decode_attention.cu"))
+        src = open(kpath).read()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "decode_vs_torch.log"), "a")
 

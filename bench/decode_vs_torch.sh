@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repo root of /work/main with the device folder carried:
-#   bash devrun-decode/decode_vs_torch.sh [check] [ncu] [bench]
+# Decode attention on the GPU machine: PyTorch SDPA (bf16) against tqkv on the same shapes.
+#   bash bench/decode_vs_torch.sh [check] [ncu] [bench] [rust]
+# check/ncu/bench: the Python prototype harness (kernel launched from Python, needs cupy).
+# rust: the PyTorch SDPA baseline (decode_vs_torch.py --sdpa-only), then `tqkv bench decode`
+#   (the Rust launch; binary $TQKV, default ../tqkv beside this folder as in gpu-bundle/), then
+#   the speed-up table of the two. Same shapes: 32 query heads, 8 kv heads, head_dim 128,
+#   batch $BATCHES, context $CONTEXTS, bits 8/8, 4/4, 4/2.
 # Writes logs under $OUT (or ./out-decode).
 set -u
-cd "$(dirname "$0")"
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here"
 OUT=${OUT:-./out-decode}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-4x2x3,4x3x3,4x4x2}
+TQKV=${TQKV:-$here/../tqkv}
+BATCHES=${BATCHES:-1,8,32}
+CONTEXTS=${CONTEXTS:-4096,16384,65536}
+REPS=${REPS:-30}
+status=0
 for step in "$@"; do
   case $step in
     check) python3 decode_vs_torch.py --check --out "$OUT" 2>&1 | grep -v " ok  \[" ;;
@@ -21,5 +32,15 @@ for step in "$@"; do
         grep -E "Duration|Throughput|Issue|Issued|Eligible|Active Warps|Theoretical Occ|Achieved Occ|Stall|Registers|Bank|No Eligible|One or More" "$OUT/ncu_${cfg//[\/:]/_}.txt" | head -40
       done ;;
     bench) python3 decode_vs_torch.py --bench --variants "$VARIANTS" --out "$OUT" 2>&1 ;;
+    rust)
+      echo "== PyTorch SDPA baseline"
+      python3 decode_vs_torch.py --bench --sdpa-only --json "$OUT/sdpa.json" --reps "$REPS" \
+        --batches "$BATCHES" --contexts "$CONTEXTS" --out "$OUT" 2>&1 | grep -v "^|" || status=1
+      echo "== tqkv bench decode"
+      "$TQKV" bench decode --json "$OUT/tqkv.json" --reps "$REPS" --batches "$BATCHES" \
+        --contexts "$CONTEXTS" --bits 8/8,4/4,4/2 2>&1 || status=1
+      echo "== speed-up of tqkv (Rust launch) over the best bf16 SDPA backend"
+      python3 decode_vs_torch.py --table "$OUT/sdpa.json" "$OUT/tqkv.json" || status=1 ;;
   esac
 done
+exit $status

@@ -34,10 +34,44 @@ __device__ __forceinline__ u32 nearest_index(const float* s_eyt, float u) {
     return (a >> 2) - N_CENTROIDS;
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
-            u64* __restrict__ status, const float* __restrict__ signs,
-            const float* __restrict__ eytzinger, const QuantizeParams p) {
+// Where vector (j, h) of tq_quantize comes from and goes: source token skip + j, logical
+// position skip + j at slot first_slot + j (wrapping at capacity).
+struct RangeMap {
+    u64 skip;
+    u32 num_kv_heads, capacity, first_slot;
+    // Row of the source vector ([tokens, num_kv_heads, HEAD_DIM]); also the status report value.
+    __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return (skip + j) * num_kv_heads + h; }
+    // Destination row of the packed plane ([num_kv_heads, capacity, ROW_BYTES]).
+    __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
+        u64 slot = (u64)first_slot + j;
+        if (slot >= capacity) slot -= capacity;
+        return h * capacity + slot;
+    }
+};
+
+// Where vector (j, h) of tq_quantize_batch comes from and goes: sequence j's token at its own
+// logical position seq_lens[j] (slot seq_lens[j] % capacity in a ring sequence).
+struct BatchMap {
+    const u32* __restrict__ seq_lens;
+    const u32* __restrict__ ring_flags;
+    u32 num_kv_heads, capacity;
+    // Row of the source vector ([num_seqs, num_kv_heads, HEAD_DIM]); also the status report value.
+    __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return j * num_kv_heads + h; }
+    // Destination row of the batch plane ([num_seqs, num_kv_heads, capacity, ROW_BYTES]).
+    __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
+        const u32 len = seq_lens[j];
+        const u32 slot = ring_flags[j] != 0 ? len % capacity : len;
+        return (j * num_kv_heads + h) * capacity + slot;
+    }
+};
+
+// The quantize loop shared by both entries: p.n_vectors vectors v = j * num_kv_heads + h.
+template <class Map>
+__device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8* __restrict__ packed,
+                                                 float* __restrict__ norms, u64* __restrict__ status,
+                                                 const float* __restrict__ signs,
+                                                 const float* __restrict__ eytzinger, const QuantizeParams& p,
+                                                 const Map& map) {
     // [0] unused; [1..2^BITS) the boundaries in Eytzinger order.
     __shared__ float s_eyt[N_CENTROIDS];
     for (int i = threadIdx.x; i < N_CENTROIDS; i += blockDim.x) s_eyt[i] = eytzinger[i];
@@ -67,8 +101,7 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
             valid[k] = v0 < p.n_vectors;
             const u64 v = valid[k] ? v0 : p.n_vectors - 1;
             divmod(v, p.num_kv_heads, jv[k], hv[k]);
-            const u64 t = p.skip + jv[k];
-            const u8* row = src + ((t * p.num_kv_heads + hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
+            const u8* row = src + (map.src_row(jv[k], hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
             load_bytes<IN_BYTES>(row, raw[k]);
         }
 #pragma unroll
@@ -107,13 +140,11 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
             // No early exit: the next vector's shuffles must see a converged warp.
             const u64 j = jv[k], h = hv[k];
             if (valid[k] && bad && sub == 0) {
-                // Leave the slot unwritten; report the first bad (token, head) as t * heads + h.
-                atomicMin(status, (p.skip + j) * p.num_kv_heads + h);
+                // Leave the slot unwritten; report the first bad vector by its source row.
+                atomicMin(status, map.src_row(j, h));
             }
             if (valid[k] && !bad) {
-                u64 slot = (u64)p.first_slot + j;
-                if (slot >= p.capacity) slot -= p.capacity;
-                const u64 pos = h * p.capacity + slot;
+                const u64 pos = map.dst_row(j, h);
                 if (sub % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + sub / LANES_PER_NORM] = nrm;
 
                 // 3. Indices, packed in registers into the lane's stream bits, and 4. stored.
@@ -131,4 +162,25 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
+            u64* __restrict__ status, const float* __restrict__ signs,
+            const float* __restrict__ eytzinger, const QuantizeParams p) {
+    const RangeMap map = {p.skip, p.num_kv_heads, p.capacity, p.first_slot};
+    quantize_vectors(src, packed, norms, status, signs, eytzinger, p, map);
+}
+
+// One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
+// sequence's position seq_lens[j] (u32 [num_seqs]; ring_flags u32 [num_seqs], nonzero = ring).
+// p.n_vectors = num_seqs * num_kv_heads; p.skip and p.first_slot are unused. The host checks
+// that a global sequence has room (seq_lens[j] < capacity) and advances seq_lens afterwards.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+tq_quantize_batch(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
+                  u64* __restrict__ status, const float* __restrict__ signs,
+                  const float* __restrict__ eytzinger, const u32* __restrict__ seq_lens,
+                  const u32* __restrict__ ring_flags, const QuantizeParams p) {
+    const BatchMap map = {seq_lens, ring_flags, p.num_kv_heads, p.capacity};
+    quantize_vectors(src, packed, norms, status, signs, eytzinger, p, map);
 }

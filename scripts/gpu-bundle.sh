@@ -2,11 +2,13 @@
 # Builds the release GPU test binaries (tests/gpu_*.rs) and the tqkv CLI, and gathers them with a
 # run.sh into gpu-bundle/ (git-ignored) of this checkout. On the GPU machine, which has no Rust:
 #   bash gpu-bundle/run.sh            # every GPU test with TQ_REQUIRE_GPU=1, then the benchmarks
+#   TQ_STEPS="tests decode" bash gpu-bundle/run.sh   # a subset (tests, codec, decode)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-bundle
 rm -rf "$out"
-mkdir -p "$out/tests"
+mkdir -p "$out/tests" "$out/bench"
+cp bench/decode_vs_torch.py bench/decode_vs_torch.sh "$out/bench/"
 
 cargo build --release --bin tqkv
 cp target/release/tqkv "$out/"
@@ -34,19 +36,30 @@ ENV
 
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs every GPU test (TQ_REQUIRE_GPU=1: a missing GPU fails) and the codec benchmark.
-# Extra arguments go to `tqkv bench codec`.
+# Runs every GPU test (TQ_REQUIRE_GPU=1: a missing GPU fails), the codec benchmark, and the decode
+# attention comparison (PyTorch SDPA baseline, `tqkv bench decode`, speed-up table; logs under
+# $OUT). TQ_STEPS picks steps (default "tests codec decode"). Extra arguments go to
+# `tqkv bench codec`.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/env.sh"
 export TQ_REQUIRE_GPU=1
 status=0
-for t in "$here"/tests/*; do
-    echo "== $(basename "$t")"
-    "$t" --test-threads=4 || status=1
+for step in ${TQ_STEPS:-tests codec decode}; do
+    case $step in
+    tests)
+        for t in "$here"/tests/*; do
+            echo "== $(basename "$t")"
+            "$t" --test-threads=4 --show-output || status=1
+        done ;;
+    codec)
+        echo "== tqkv bench codec"
+        "$here/tqkv" bench codec "$@" || status=1 ;;
+    decode)
+        echo "== decode attention: PyTorch SDPA vs tqkv bench decode"
+        TQKV="$here/tqkv" bash "$here/bench/decode_vs_torch.sh" rust || status=1 ;;
+    esac
 done
-echo "== tqkv bench codec"
-"$here/tqkv" bench codec "$@" || status=1
 exit $status
 RUN
 chmod +x "$out/run.sh"

@@ -158,6 +158,87 @@ impl CudaCodec {
         }
     }
 
+    /// The rotation's signs, f32 `[head_dim]`.
+    pub(crate) fn signs(&self) -> &CudaSlice<f32> {
+        &self.signs
+    }
+
+    /// One side's centroids, f32 `[2^bits]`.
+    pub(crate) fn centroids(&self, side: Side) -> &CudaSlice<f32> {
+        &self.tables(side).centroids
+    }
+
+    /// One token per sequence, `src: [num_seqs, num_kv_heads, head_dim]`, into batch planes
+    /// `[num_seqs, num_kv_heads, capacity, ...]` at each sequence's position `seq_lens[j]` (slot
+    /// `seq_lens[j] % capacity` where `ring_flags[j] != 0`). One launch; the caller (the batch
+    /// cache) has validated every shape and that each global sequence has room. A non-finite
+    /// vector is reported by [`CudaCodec::check_finite`] as token `j` (the sequence).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn quantize_batch(
+        &self,
+        side: Side,
+        src: &DeviceBuffer,
+        num_seqs: usize,
+        seq_lens: &CudaSlice<u32>,
+        ring_flags: &CudaSlice<u32>,
+        packed: &mut DeviceBuffer,
+        norms: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "cuda batch append";
+        let in_dtype = float_dtype(op, "src", src)?;
+        let l = self.codec.layout();
+        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
+        if n_vectors == 0 || l.head_dim == 0 {
+            return Ok(());
+        }
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        let key = KernelKey {
+            family: Family::QuantizeBatch,
+            defines: vec![
+                ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                ("BITS", l.bits(side) as i64),
+                ("IN_DTYPE", dtype_code(in_dtype)),
+                ("VPW", vpw),
+            ],
+        };
+        let f = self
+            .device
+            .registry()
+            .function(self.device.context(), &key)?;
+        let t = self.tables(side);
+        let params = QuantizeParams {
+            n_vectors,
+            skip: 0,
+            num_kv_heads: l.num_kv_heads as u32,
+            capacity: l.capacity as u32,
+            first_slot: 0,
+            sqrt_d: self.codec.sqrt_d(),
+            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
+            scale_factor: l.scale_factor_d512,
+        };
+        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let mut status = self
+            .status
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(src.slice())
+            .arg(packed.slice_mut())
+            .arg(norms.slice_mut())
+            .arg(&mut *status)
+            .arg(&self.signs)
+            .arg(&t.eytzinger)
+            .arg(seq_lens)
+            .arg(ring_flags)
+            .arg(&params);
+        // SAFETY: the argument list matches tq_quantize_batch's signature; the batch cache
+        // checked src's shape and that every written slot lies inside packed and norms.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
+        Ok(())
+    }
+
     fn launch_config(&self, n_vectors: u64, head_dim: usize, vpw: i64) -> LaunchConfig {
         let per_block = WARPS as u64 * groups(head_dim) * vpw as u64;
         let cap = (self.device.sm_count() * BLOCKS_PER_SM) as u64;

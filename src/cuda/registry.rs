@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use super::driver_err;
@@ -14,19 +14,28 @@ use crate::error::{Result, TqError};
 const COMMON_SRC: &str = include_str!("../../kernels/common.cu");
 const QUANTIZE_SRC: &str = include_str!("../../kernels/quantize.cu");
 const DEQUANTIZE_SRC: &str = include_str!("../../kernels/dequantize.cu");
+const DECODE_SRC: &str = include_str!("../../kernels/decode_attention.cu");
 
 /// One kernel source (op family).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     Quantize,
+    /// One token per sequence into batch planes (`tq_quantize_batch` in kernels/quantize.cu).
+    QuantizeBatch,
     Dequantize,
+    /// Fused decode attention (kernels/decode_attention.cu): `tq_decode_split`, then
+    /// `tq_decode_merge` of the same module.
+    Decode,
 }
 
 impl Family {
-    fn source(self) -> &'static str {
+    /// The kernel source: kernels/common.cu, then the family's file (decode_attention.cu is
+    /// self-contained).
+    fn source(self) -> String {
         match self {
-            Family::Quantize => QUANTIZE_SRC,
-            Family::Dequantize => DEQUANTIZE_SRC,
+            Family::Quantize | Family::QuantizeBatch => format!("{COMMON_SRC}{QUANTIZE_SRC}"),
+            Family::Dequantize => format!("{COMMON_SRC}{DEQUANTIZE_SRC}"),
+            Family::Decode => DECODE_SRC.to_string(),
         }
     }
 
@@ -34,8 +43,16 @@ impl Family {
     pub fn entry(self) -> &'static str {
         match self {
             Family::Quantize => "tq_quantize",
+            Family::QuantizeBatch => "tq_quantize_batch",
             Family::Dequantize => "tq_dequantize",
+            Family::Decode => "tq_decode_split",
         }
+    }
+
+    /// Whether the compiler may fuse multiply-adds. The codec kernels reproduce the CPU's bytes,
+    /// so they may not; decode attention has a tolerance (f16 tensor-core operands) and may.
+    fn fmad(self) -> bool {
+        self == Family::Decode
     }
 }
 
@@ -57,19 +74,19 @@ impl fmt::Display for KernelKey {
 }
 
 /// Compiles one kernel instance to PTX for `arch` (e.g. "compute_90a"). IEEE division and square
-/// root, no fused multiply-add, no flush-to-zero: the CPU's operation order survives compilation.
+/// root, no flush-to-zero, and for the codec no fused multiply-add: the CPU's operation order
+/// survives compilation.
 pub fn compile_ptx(key: &KernelKey, arch: &str) -> Result<Ptx> {
     let mut src = String::new();
     for (name, value) in &key.defines {
         src.push_str(&format!("#define {name} {value}\n"));
     }
-    src.push_str(COMMON_SRC);
-    src.push_str(key.family.source());
+    src.push_str(&key.family.source());
     let opts = CompileOptions {
         ftz: Some(false),
         prec_sqrt: Some(true),
         prec_div: Some(true),
-        fmad: Some(false),
+        fmad: Some(key.family.fmad()),
         options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
         name: Some(format!("{}.cu", key.family.entry())),
         ..Default::default()
@@ -87,11 +104,11 @@ pub fn compile_ptx(key: &KernelKey, arch: &str) -> Result<Ptx> {
     })
 }
 
-/// Compiled kernels of one device, by instance.
+/// Compiled kernels of one device, by instance: the loaded module and its entry function.
 #[derive(Debug)]
 pub struct Registry {
     arch: String,
-    cache: Mutex<HashMap<KernelKey, CudaFunction>>,
+    cache: Mutex<HashMap<KernelKey, (Arc<CudaModule>, CudaFunction)>>,
 }
 
 impl Registry {
@@ -116,12 +133,26 @@ impl Registry {
 
     /// The function of `key`, compiled and loaded on first use.
     pub fn function(&self, ctx: &Arc<CudaContext>, key: &KernelKey) -> Result<CudaFunction> {
+        Ok(self.load(ctx, key)?.1)
+    }
+
+    /// The module of `key` (for its other functions and globals), compiled and loaded on first
+    /// use.
+    pub fn module(&self, ctx: &Arc<CudaContext>, key: &KernelKey) -> Result<Arc<CudaModule>> {
+        Ok(self.load(ctx, key)?.0)
+    }
+
+    fn load(
+        &self,
+        ctx: &Arc<CudaContext>,
+        key: &KernelKey,
+    ) -> Result<(Arc<CudaModule>, CudaFunction)> {
         let mut cache = self
             .cache
             .lock()
             .map_err(|_| TqError::Cuda("kernel registry: lock poisoned".into()))?;
-        if let Some(f) = cache.get(key) {
-            return Ok(f.clone());
+        if let Some(entry) = cache.get(key) {
+            return Ok(entry.clone());
         }
         let ptx = compile_ptx(key, &self.arch)?;
         let module = ctx
@@ -130,7 +161,7 @@ impl Registry {
         let f = module
             .load_function(key.family.entry())
             .map_err(|e| driver_err(&format!("loading {key}"), e))?;
-        cache.insert(key.clone(), f.clone());
-        Ok(f)
+        cache.insert(key.clone(), (module.clone(), f.clone()));
+        Ok((module, f))
     }
 }

@@ -1,5 +1,5 @@
-//! `tqkv bench`: throughput of the codec on CUDA (or the CPU without a GPU), each op beside a
-//! plain copy of the same byte count measured in the same process.
+//! `tqkv bench`: throughput of the codec on CUDA (or the CPU without a GPU) and of the fused CUDA
+//! decode attention, each beside a device-to-device copy measured in the same process.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,8 +7,11 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use cudarc::driver::sys::CUevent_flags;
 use half::f16;
-use tqkv::cuda::{BufferDType, CudaCodec, CudaDevice, CudaStream, DeviceBuffer};
-use tqkv::{cpu, CacheLayout, Codec, DType, Domain, Dst, Result, Side, Src, TqError};
+use tqkv::cpu::AttentionConfig;
+use tqkv::cuda::{
+    BatchCache, BufferDType, CudaCodec, CudaDevice, CudaStream, DeviceBuffer, SeqPlanes,
+};
+use tqkv::{cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, Result, Side, Src, TqError};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -21,6 +24,36 @@ enum BenchWhat {
     /// Quantize and sequence-dequantize throughput (GB/s counting bytes read + written) against
     /// a device-to-device copy, and the latency of a one-token append.
     Codec(CodecArgs),
+    /// Fused decode attention (one bf16 query per sequence over the compressed cache): µs per
+    /// call, GB/s of compressed bytes read, % of a device-to-device copy. Needs a CUDA device.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// KV heads.
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Sequences per call, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    /// Tokens cached per sequence, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536")]
+    contexts: Vec<usize>,
+    /// K/V bit widths as K/V, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8/8,4/4,4/2")]
+    bits: Vec<String>,
+    /// Timed calls per shape (the median is reported; at least 20).
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -45,8 +78,10 @@ struct CodecArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchWhat::Codec(a) = args.what;
-    codec(&a)
+    match args.what {
+        BenchWhat::Codec(a) => codec(&a),
+        BenchWhat::Decode(a) => decode(&a),
+    }
 }
 
 /// Appends per timed batch of the decode-step measurement.
@@ -373,4 +408,196 @@ fn cpu_row(a: &CodecArgs, bits: u32, reps: usize) -> Result<Row> {
         dq_rot_gbs: gbs(dq_rot_ms),
         append_us: append_ms * 1e3,
     })
+}
+
+/// Bytes the L2 flush writes before every timed decode call (the H100's L2 is 50 MB).
+const FLUSH_BYTES: usize = 256 << 20;
+
+fn parse_bits(s: &str) -> Result<(u32, u32)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(k, v)| Some((k.trim().parse().ok()?, v.trim().parse().ok()?)));
+    match parsed {
+        Some(kv) => Ok(kv),
+        None => Err(TqError::InvalidArgument(format!(
+            "bench decode: --bits entry {s:?} is not K/V (e.g. 4/4)"
+        ))),
+    }
+}
+
+/// One measured decode shape.
+struct DecodeRow {
+    batch: usize,
+    context: usize,
+    bits: (u32, u32),
+    us: f64,
+    bytes: usize,
+    splits: u32,
+}
+
+fn decode(a: &DecodeArgs) -> Result<()> {
+    if !CudaDevice::is_available() {
+        return Err(TqError::Cuda(
+            "bench decode: no CUDA device (this benchmark has no CPU fallback)".into(),
+        ));
+    }
+    let reps = a.reps.max(20);
+    let bits = a
+        .bits
+        .iter()
+        .map(|b| parse_bits(b))
+        .collect::<Result<Vec<_>>>()?;
+    let dev = CudaDevice::new(0)?;
+    let s = dev.stream().clone();
+    println!(
+        "tqkv bench decode on CUDA: {} (sm_{}{}, {} SMs), {} query heads, {} kv heads, head_dim \
+         {}, bf16 query/output, CUDA events, L2 flushed ({} MB write) before each call, median of \
+         {reps}",
+        dev.name(),
+        dev.compute_capability().0,
+        dev.compute_capability().1,
+        dev.sm_count(),
+        a.heads,
+        a.kv_heads,
+        a.head_dim,
+        FLUSH_BYTES >> 20
+    );
+    let copy = copy_gbs(&s, FLUSH_BYTES, reps)?;
+    println!(
+        "device-to-device copy: {copy:.0} GB/s (bytes read + written, {} MB)",
+        FLUSH_BYTES >> 20
+    );
+    let mut flush = DeviceBuffer::zeros(&s, BufferDType::U8, FLUSH_BYTES)?;
+    let mut rows = Vec::new();
+    for &(kb, vb) in &bits {
+        for &context in &a.contexts {
+            let l = CacheLayout::new(a.kv_heads, a.head_dim, context, kb, vb)?;
+            let planes = prompt_planes(&dev, l)?;
+            for &batch in &a.batches {
+                let mut cache = BatchCache::new(dev.clone(), l, batch)?;
+                let sp = SeqPlanes {
+                    k_packed: &planes[0],
+                    k_norms: &planes[1],
+                    v_packed: &planes[2],
+                    v_norms: &planes[3],
+                };
+                for seq in 0..batch {
+                    cache.copy_sequence(seq, sp, context, CacheMode::Global)?;
+                }
+                let n = batch * a.heads * a.head_dim;
+                let q: Vec<half::bf16> = input(n, 7)
+                    .iter()
+                    .map(|x| half::bf16::from_f32(x.to_f32()))
+                    .collect();
+                let q = DeviceBuffer::from_src(&s, Src::Bf16(&q))?;
+                let mut out = DeviceBuffer::zeros(&s, BufferDType::Float(DType::Bf16), n)?;
+                let cfg = AttentionConfig::new(a.head_dim);
+                let splits = cache.decode_splits(a.heads, DType::Bf16, &cfg)?;
+                let us = time_flushed(&s, reps, &mut flush, || {
+                    cache.attention(&q, a.heads, &cfg, &mut out)
+                })?;
+                let finite = out.to_bf16(&s)?.iter().all(|x| x.is_finite());
+                if !finite {
+                    return Err(TqError::Cuda(format!(
+                        "bench decode: non-finite output at batch {batch}, context {context}, bits {kb}/{vb}"
+                    )));
+                }
+                rows.push(DecodeRow {
+                    batch,
+                    context,
+                    bits: (kb, vb),
+                    us,
+                    bytes: batch * context * (l.bytes_per_token()),
+                    splits,
+                });
+            }
+        }
+    }
+    println!("| batch | context | bits | µs | GB/s (compressed bytes read) | % of copy | splits |");
+    println!("|---|---|---|---|---|---|---|");
+    rows.sort_by_key(|r| (r.batch, r.context, std::cmp::Reverse(r.bits)));
+    for r in &rows {
+        let gbs = r.bytes as f64 / (r.us * 1e-6) / 1e9;
+        println!(
+            "| {} | {} | {}/{} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+            r.batch,
+            r.context,
+            r.bits.0,
+            r.bits.1,
+            r.us,
+            100.0 * gbs / copy,
+            r.splits
+        );
+    }
+    if let Some(path) = &a.json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "batch": r.batch, "context": r.context, "k_bits": r.bits.0, "v_bits": r.bits.1,
+                    "us": r.us, "bytes": r.bytes, "splits": r.splits,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "device": dev.name(), "copy_gbs": copy, "rows": rows });
+        std::fs::write(path, doc.to_string()).map_err(|e| TqError::Io {
+            context: format!("bench decode: writing {}", path.display()),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
+/// The planes of one `context`-token prompt (f16 Gaussian-ish K/V quantized on the GPU): packed
+/// keys, key norms, packed values, value norms.
+fn prompt_planes(dev: &Arc<CudaDevice>, l: CacheLayout) -> Result<[DeviceBuffer; 4]> {
+    let gc = CudaCodec::new(dev.clone(), Codec::new(l)?)?;
+    let s = gc.stream().clone();
+    let n = l.capacity * l.num_kv_heads * l.head_dim;
+    let f32s = BufferDType::Float(DType::F32);
+    let mut planes = [
+        DeviceBuffer::zeros(&s, BufferDType::U8, l.packed_len(Side::Keys))?,
+        DeviceBuffer::zeros(&s, f32s, l.norms_len())?,
+        DeviceBuffer::zeros(&s, BufferDType::U8, l.packed_len(Side::Values))?,
+        DeviceBuffer::zeros(&s, f32s, l.norms_len())?,
+    ];
+    let [kp, kn, vp, vn] = &mut planes;
+    let k = DeviceBuffer::from_src(&s, Src::F16(&input(n, 1)))?;
+    gc.quantize(Side::Keys, &k, l.capacity, 0, kp, kn)?;
+    let v = DeviceBuffer::from_src(&s, Src::F16(&input(n, 2)))?;
+    gc.quantize(Side::Values, &v, l.capacity, 0, vp, vn)?;
+    gc.check_finite()?;
+    Ok(planes)
+}
+
+/// Median GPU microseconds of `f`, each call timed alone between two events after a write of
+/// `flush` (which evicts L2 and keeps the GPU busy while the host enqueues the call), after 3
+/// warm-up calls.
+fn time_flushed(
+    stream: &Arc<CudaStream>,
+    reps: usize,
+    flush: &mut DeviceBuffer,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let ctx = stream.context();
+    let ev = |e| TqError::Cuda(format!("bench: event: {e}"));
+    let start = ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(ev)?;
+    let end = ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(ev)?;
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut us = Vec::with_capacity(reps);
+    for r in 0..reps {
+        flush.fill_bytes(stream, r as u8)?;
+        start.record(stream).map_err(ev)?;
+        f()?;
+        end.record(stream).map_err(ev)?;
+        end.synchronize().map_err(ev)?;
+        us.push(start.elapsed_ms(&end).map_err(ev)? as f64 * 1e3);
+    }
+    Ok(median(us))
 }

@@ -1,0 +1,446 @@
+//! Fused decode attention over a [`BatchCache`] (kernels/decode_attention.cu): one query token
+//! per sequence, at its last position, against the packed keys and values, never materialized.
+//!
+//! Two launches on the codec's stream: `tq_decode_split` (grid `(num_splits, num_kv_heads,
+//! num_seqs)`, flash-decoding partial states per split) and `tq_decode_merge` (grid
+//! `(num_heads, num_seqs)`: log-sum-exp merge, inverse rotation, output dtype). The result
+//! matches [`crate::cpu::attention()`] of the same cache within the f16 rounding of the kernel's
+//! tensor-core operands (~2e-3 relative L2 over an output, see bench/NOTES-decode.md).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::batch::BatchCache;
+use super::buffer::{BufferDType, DeviceBuffer};
+use super::driver_err;
+use super::params::DecodeParams;
+use super::registry::{Family, KernelKey};
+use crate::cpu::AttentionConfig;
+use crate::dtype::DType;
+use crate::error::{invalid, Result, TqError};
+use crate::layout::{CacheMode, Side};
+
+/// Warps per block of `tq_decode_split` (`WARPS`).
+const WARPS: u32 = 4;
+/// Tokens per warp tile (`TILE` in the kernel).
+const TILE: u32 = 16;
+/// Most query heads per kv head the kernel handles (`GQA`: mma rows 0..7).
+pub const MAX_GQA: usize = 8;
+/// Head dimensions the kernel handles (powers of two).
+pub const HEAD_DIM_RANGE: (usize, usize) = (64, 512);
+/// Grid y/z limit (num_kv_heads, num_seqs, num_heads of the merge).
+const MAX_GRID_YZ: usize = 65535;
+
+/// One compiled instance of the decode kernels and what the host needs to launch it.
+#[derive(Debug, Clone)]
+struct DecodeKernel {
+    split: CudaFunction,
+    merge: CudaFunction,
+    info: DecodeKernelInfo,
+}
+
+/// Launch facts of one decode kernel instance, read from the compiled module and the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeKernelInfo {
+    /// Dynamic shared memory of `tq_decode_split` (module global `tq_decode_smem_bytes`).
+    pub smem_bytes: u32,
+    /// `sizeof(DecodeParams)` in the kernel (module global `tq_decode_params_bytes`).
+    pub params_bytes: u32,
+    /// Resident `tq_decode_split` blocks per SM (driver occupancy query).
+    pub blocks_per_sm: u32,
+    /// Registers per thread of `tq_decode_split`.
+    pub registers: u32,
+    /// `STAGES` and `MIN_BLOCKS` of this instance.
+    pub stages: u32,
+    pub min_blocks: u32,
+}
+
+/// Kernel instances (by gqa and dtype; bits and head_dim are the cache's) and the f32 workspace
+/// of the split states, grown on demand.
+#[derive(Debug, Default)]
+pub(super) struct DecodeState {
+    kernels: Mutex<HashMap<(usize, i64), DecodeKernel>>,
+    workspace: Mutex<Option<CudaSlice<f32>>>,
+}
+
+fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Bf16 => 2,
+    }
+}
+
+/// `(STAGES, MIN_BLOCKS)`: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
+/// v3): 8/8 deeper pipeline, 2 blocks per SM; otherwise 2 stages, 3 blocks. Head dims above 128
+/// need more registers than 3 blocks allow, so they ask for one.
+fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> (u32, u32) {
+    if head_dim > 128 {
+        (2, 1)
+    } else if k_bits == 8 && v_bits == 8 {
+        (4, 2)
+    } else {
+        (2, 3)
+    }
+}
+
+/// Splits per (sequence, kv head): the fewest that fill the resident block slots (`slots`) with
+/// at least 85% of the last wave busy, each split keeping at least 2 tiles per warp; else the
+/// count with the fullest last wave.
+pub fn num_splits(pairs: u64, slots: u64, max_tiles: u64) -> u32 {
+    let slots = slots.max(1);
+    let s_max = max_tiles.div_ceil(2 * WARPS as u64).max(1);
+    let (mut best, mut best_eff) = (1u64, 0.0f64);
+    for s in 1..=s_max {
+        let t = pairs * s;
+        let eff = t as f64 / (t.div_ceil(slots) * slots) as f64;
+        if t as f64 >= 0.9 * slots as f64 && eff >= 0.85 {
+            return s as u32;
+        }
+        if eff > best_eff + 1e-9 {
+            (best, best_eff) = (s, eff);
+        }
+    }
+    best as u32
+}
+
+fn float_dtype(op: &str, what: &str, buf: &DeviceBuffer) -> Result<DType> {
+    match buf.dtype() {
+        BufferDType::Float(d) => Ok(d),
+        other => invalid!("{op}: {what} holds {other:?}, need f32, f16 or bf16"),
+    }
+}
+
+impl BatchCache {
+    /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
+    /// compiled and loaded on first use.
+    fn decode_kernel(&self, gqa: usize, dtype: DType) -> Result<DecodeKernel> {
+        let mut kernels = self
+            .decode
+            .kernels
+            .lock()
+            .map_err(|_| TqError::Cuda("decode attention: lock poisoned".into()))?;
+        if let Some(k) = kernels.get(&(gqa, dtype_code(dtype))) {
+            return Ok(k.clone());
+        }
+        let l = *self.layout();
+        let (stages, min_blocks) = variant(l.k_bits, l.v_bits, l.head_dim);
+        let key = KernelKey {
+            family: Family::Decode,
+            defines: vec![
+                ("K_BITS", l.k_bits as i64),
+                ("V_BITS", l.v_bits as i64),
+                ("HEAD_DIM", l.head_dim as i64),
+                ("GQA", gqa as i64),
+                ("DTYPE", dtype_code(dtype)),
+                ("WARPS", WARPS as i64),
+                ("STAGES", stages as i64),
+                ("MIN_BLOCKS", min_blocks as i64),
+            ],
+        };
+        let dev = self.codec.device();
+        let module = dev.registry().module(dev.context(), &key)?;
+        let err = |what: &str| {
+            let key = key.clone();
+            let what = what.to_string();
+            move |e| driver_err(&format!("decode attention: {what} of {key}"), e)
+        };
+        let split = module
+            .load_function("tq_decode_split")
+            .map_err(err("load tq_decode_split"))?;
+        let merge = module
+            .load_function("tq_decode_merge")
+            .map_err(err("load tq_decode_merge"))?;
+        let s = self.codec.stream();
+        let read_u32 = |name: &str| -> Result<u32> {
+            let global = module.get_global(name, s).map_err(err(name))?;
+            let mut b = [0u8; 4];
+            s.memcpy_dtoh(&global, &mut b[..]).map_err(err(name))?;
+            s.synchronize().map_err(err(name))?;
+            Ok(u32::from_le_bytes(b))
+        };
+        let smem_bytes = read_u32("tq_decode_smem_bytes")?;
+        let params_bytes = read_u32("tq_decode_params_bytes")?;
+        if params_bytes as usize != std::mem::size_of::<DecodeParams>() {
+            return Err(TqError::Cuda(format!(
+                "decode attention: the kernel's DecodeParams has {params_bytes} bytes, the Rust \
+                 mirror {} ({key})",
+                std::mem::size_of::<DecodeParams>()
+            )));
+        }
+        split
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(err("set max dynamic shared memory"))?;
+        let blocks_per_sm = split
+            .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, smem_bytes as usize, None)
+            .map_err(err("occupancy"))?;
+        if blocks_per_sm == 0 {
+            return Err(TqError::Cuda(format!(
+                "decode attention: {key} cannot run ({smem_bytes} bytes of shared memory per \
+                 block; 0 resident blocks per SM)"
+            )));
+        }
+        let registers = split.num_regs().map_err(err("registers"))?.max(0) as u32;
+        let k = DecodeKernel {
+            split,
+            merge,
+            info: DecodeKernelInfo {
+                smem_bytes,
+                params_bytes,
+                blocks_per_sm,
+                registers,
+                stages,
+                min_blocks,
+            },
+        };
+        kernels.insert((gqa, dtype_code(dtype)), k.clone());
+        Ok(k)
+    }
+
+    /// Launch facts of the decode kernel for `num_heads` query heads and queries of `dtype`
+    /// (compiles it on first use).
+    pub fn decode_kernel_info(&self, num_heads: usize, dtype: DType) -> Result<DecodeKernelInfo> {
+        let gqa = self.check_heads("decode attention", num_heads)?;
+        Ok(self.decode_kernel(gqa, dtype)?.info)
+    }
+
+    /// Checks `num_heads` and the layout against the kernel's limits; returns the GQA group.
+    fn check_heads(&self, op: &str, num_heads: usize) -> Result<usize> {
+        let l = self.layout();
+        let kv = l.num_kv_heads;
+        if num_heads == 0 || !num_heads.is_multiple_of(kv) {
+            invalid!(
+                "{op}: num_heads ({num_heads}) is not a positive multiple of num_kv_heads ({kv})"
+            );
+        }
+        let gqa = num_heads / kv;
+        if gqa > MAX_GQA {
+            invalid!(
+                "{op}: num_heads ({num_heads}) / num_kv_heads ({kv}) = {gqa} query heads per kv \
+                 head; the kernel handles at most {MAX_GQA}"
+            );
+        }
+        let (lo, hi) = HEAD_DIM_RANGE;
+        if l.head_dim < lo || l.head_dim > hi {
+            invalid!("{op}: head_dim ({}) must be in {lo}..={hi}", l.head_dim);
+        }
+        if num_heads > MAX_GRID_YZ || self.num_seqs > MAX_GRID_YZ {
+            invalid!(
+                "{op}: num_heads ({num_heads}) and num_seqs ({}) must be at most {MAX_GRID_YZ}",
+                self.num_seqs
+            );
+        }
+        Ok(gqa)
+    }
+
+    /// Splits the next [`BatchCache::attention`] call would use for `num_heads` query heads and
+    /// `dtype` queries with `cfg`'s window.
+    pub fn decode_splits(
+        &self,
+        num_heads: usize,
+        dtype: DType,
+        cfg: &AttentionConfig,
+    ) -> Result<u32> {
+        let gqa = self.check_heads("decode attention", num_heads)?;
+        let k = self.decode_kernel(gqa, dtype)?;
+        Ok(self.splits_for(&k.info, cfg))
+    }
+
+    fn splits_for(&self, info: &DecodeKernelInfo, cfg: &AttentionConfig) -> u32 {
+        let l = self.layout();
+        let visible = |(&len, &mode): (&u32, &CacheMode)| {
+            let mut n = len as u64;
+            if mode == CacheMode::Ring {
+                n = n.min(l.capacity as u64);
+            }
+            if cfg.window > 0 {
+                n = n.min(cfg.window as u64);
+            }
+            n
+        };
+        let longest = self
+            .lens
+            .iter()
+            .zip(&self.modes)
+            .map(visible)
+            .max()
+            .unwrap_or(0);
+        let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
+        let slots = self.codec.device().sm_count() as u64 * info.blocks_per_sm as u64;
+        num_splits(pairs, slots, longest.div_ceil(TILE as u64).max(1))
+    }
+
+    /// Decode attention of one query per sequence: `q: [num_seqs, num_heads, head_dim]` (f32, f16
+    /// or bf16) attends to every retained position of its sequence (the last `capacity` of a
+    /// ring, the last `cfg.window` with a window) into `out` of the same shape and dtype, in the
+    /// original domain. A sequence of length 0 gives zeros. The semantics of
+    /// [`crate::cpu::attention()`] with one query at position `len - 1`. Asynchronous on the
+    /// codec's stream.
+    pub fn attention(
+        &self,
+        q: &DeviceBuffer,
+        num_heads: usize,
+        cfg: &AttentionConfig,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "decode attention";
+        let dtype = float_dtype(op, "q", q)?;
+        let out_dtype = float_dtype(op, "out", out)?;
+        if out_dtype != dtype {
+            invalid!("{op}: out holds {out_dtype:?} but q holds {dtype:?}; they must match");
+        }
+        let gqa = self.check_heads(op, num_heads)?;
+        let l = *self.layout();
+        let need = self.num_seqs * num_heads * l.head_dim;
+        for (name, len) in [("q", q.len()), ("out", out.len())] {
+            if len != need {
+                invalid!(
+                    "{op}: {name} has {len} elements, need {need} (num_seqs={} × num_heads=\
+                     {num_heads} × head_dim={})",
+                    self.num_seqs,
+                    l.head_dim
+                );
+            }
+        }
+        if !cfg.scale.is_finite() {
+            invalid!("{op}: scale must be finite, got {}", cfg.scale);
+        }
+        if !(cfg.softcap.is_finite() && cfg.softcap >= 0.0) {
+            invalid!(
+                "{op}: softcap must be finite and > 0 (or 0 = off), got {}",
+                cfg.softcap
+            );
+        }
+        if self.num_seqs == 0 {
+            return Ok(());
+        }
+        let k = self.decode_kernel(gqa, dtype)?;
+        let splits = self.splits_for(&k.info, cfg);
+        let n_part = self.num_seqs * l.num_kv_heads * splits as usize * gqa;
+        let ws_len = n_part * (l.head_dim + 2);
+        let s = self.codec.stream();
+        let mut ws = self
+            .decode
+            .workspace
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: lock poisoned")))?;
+        if ws.as_ref().is_none_or(|w| w.len() < ws_len) {
+            *ws = None;
+            *ws = Some(
+                s.alloc_zeros::<f32>(ws_len)
+                    .map_err(|e| driver_err(&format!("{op}: workspace"), e))?,
+            );
+        }
+        let Some(ws) = ws.as_mut() else {
+            return Err(TqError::Cuda(format!("{op}: no workspace")));
+        };
+        let (q_ptr, _g1) = q.slice().device_ptr(s);
+        let (out_ptr, _g2) = out.slice().device_ptr(s);
+        let (kp, _g3) = self.k_packed.slice().device_ptr(s);
+        let (kn, _g4) = self.k_norms.slice().device_ptr(s);
+        let (vp, _g5) = self.v_packed.slice().device_ptr(s);
+        let (vn, _g6) = self.v_norms.slice().device_ptr(s);
+        let (kcb, _g7) = self.codec.centroids(Side::Keys).device_ptr(s);
+        let (vcb, _g8) = self.codec.centroids(Side::Values).device_ptr(s);
+        let (signs, _g9) = self.codec.signs().device_ptr(s);
+        let (lens, _g10) = self.seq_lens.device_ptr(s);
+        let (rings, _g11) = self.ring_flags.device_ptr(s);
+        let (ws_ptr, _g12) = ws.device_ptr(s);
+        for (name, ptr) in [
+            ("q", q_ptr),
+            ("out", out_ptr),
+            ("k_packed", kp),
+            ("v_packed", vp),
+        ] {
+            if ptr % 16 != 0 {
+                invalid!("{op}: {name} at {ptr:#x} is not 16-byte aligned");
+            }
+        }
+        let params = DecodeParams {
+            q: q_ptr,
+            out: out_ptr,
+            k_packed: kp,
+            k_norms: kn,
+            v_packed: vp,
+            v_norms: vn,
+            k_codebook: kcb,
+            v_codebook: vcb,
+            signs,
+            seq_lens: lens,
+            ring_flags: rings,
+            part_o: ws_ptr,
+            part_ml: ws_ptr + (n_part * l.head_dim * 4) as u64,
+            num_seqs: self.num_seqs as u32,
+            num_kv_heads: l.num_kv_heads as u32,
+            capacity: l.capacity as u32,
+            num_splits: splits,
+            ring: 0,
+            window: cfg.window,
+            scale: cfg.scale,
+            softcap: cfg.softcap,
+            pv_scale: 1.0,
+            inv_sf: 1.0 / l.scale_factor_d512,
+        };
+        let split_cfg = LaunchConfig {
+            grid_dim: (splits, l.num_kv_heads as u32, self.num_seqs as u32),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: k.info.smem_bytes,
+        };
+        let merge_cfg = LaunchConfig {
+            grid_dim: (num_heads as u32, self.num_seqs as u32, 1),
+            block_dim: (l.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: both kernels take one DecodeParams by value (size checked against the module
+        // when it was loaded); every pointer addresses a live buffer whose shape was validated
+        // above (planes [num_seqs, num_kv_heads, capacity, ...] of this layout, workspace of
+        // n_part * (head_dim + 2) f32), all ordered on this stream.
+        unsafe {
+            s.launch_builder(&k.split)
+                .arg(&params)
+                .launch(split_cfg)
+                .map_err(|e| driver_err(&format!("{op}: launch tq_decode_split"), e))?;
+            s.launch_builder(&k.merge)
+                .arg(&params)
+                .launch(merge_cfg)
+                .map_err(|e| driver_err(&format!("{op}: launch tq_decode_merge"), e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_match_the_prototype_harness_on_132_sms() {
+        // bench/NOTES-decode.md, v3 table (8 kv heads, 65536 tokens): 3 blocks per SM (4/4)
+        // gives 45 / 6 / 3 splits at batch 1 / 8 / 32; 2 blocks per SM (8/8) 30 / 4 / 1.
+        let tiles = 65536 / 16;
+        for (blocks, want) in [(3, [45, 6, 3]), (2, [30, 4, 1])] {
+            let got = [1, 8, 32].map(|b| num_splits(b * 8, 132 * blocks, tiles));
+            assert_eq!(got, want, "{blocks} blocks per SM");
+        }
+    }
+
+    #[test]
+    fn splits_keep_two_tiles_per_warp() {
+        assert_eq!(num_splits(8, 396, 1), 1);
+        assert!(num_splits(1, 396, 40) as u64 <= 40u64.div_ceil(2 * WARPS as u64));
+    }
+
+    #[test]
+    fn variants_are_the_measured_best_at_head_dim_128() {
+        assert_eq!(variant(8, 8, 128), (4, 2));
+        assert_eq!(variant(4, 4, 128), (2, 3));
+        assert_eq!(variant(4, 2, 64), (2, 3));
+        assert_eq!(variant(4, 4, 256), (2, 1));
+    }
+}
