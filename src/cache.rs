@@ -7,6 +7,11 @@
 //! [`KvCache::first`]`..`[`KvCache::len`]: everything in a global cache, the last `capacity`
 //! positions written in a ring (fewer after a [`KvCache::truncate`]).
 //!
+//! Beyond plain TurboQuant ([`KvCache::new`]), [`KvCache::with_options`] adds key centering and
+//! exact sinks and recent window ([`CacheOptions`]); the defaults and the [`crate::Preset`]s are
+//! the recommended way. Exact positions `[max(frontier, sinks), len)` and `[0, sinks)` live
+//! beside the packed planes (see [`Segment`] and `docs/FORMAT.md`).
+//!
 //! ```
 //! use tqkv::cpu::{attention, AttentionConfig};
 //! use tqkv::{CacheLayout, KvCache, Src};
@@ -18,9 +23,15 @@
 //! let mut out = vec![0f32; q.len()];
 //! attention(&cache, Src::F32(&q), 6, &AttentionConfig::new(64), &mut out)?;
 //! assert_eq!((cache.len(), cache.memory_bytes() > 0), (5, true));
+//! // The recommended configuration: a preset (4/4 bits, centered keys, exact window and sink).
+//! let p = tqkv::Preset::Tq4;
+//! let mut tq4 = KvCache::with_options(p.layout(2, 64, 32)?, p.options())?;
+//! tq4.append(Src::F32(&kv), Src::F32(&kv))?;
+//! attention(&tq4, Src::F32(&q), 6, &AttentionConfig::new(64), &mut out)?;
 //! # Ok::<(), tqkv::TqError>(())
 //! ```
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use crate::codec::{Codec, Domain};
@@ -637,9 +648,10 @@ impl KvCache {
                 (h * self.window + p % self.window) * d,
             ),
         };
-        let dt = self.options.exact_dtype;
-        for (o, &b) in out.iter_mut().zip(&buf[at..at + d]) {
-            *o = from_bits(dt, b);
+        let bits = &buf[at..at + d];
+        match self.options.exact_dtype {
+            DType::Bf16 => bytemuck::cast_slice::<u16, bf16>(bits).convert_to_f32_slice(out),
+            _ => bytemuck::cast_slice::<u16, f16>(bits).convert_to_f32_slice(out),
         }
     }
 

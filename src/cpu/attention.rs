@@ -16,6 +16,10 @@
 //! `[even coordinates, odd coordinates]` per group; the query is reordered to match once, and the
 //! accumulator back once. [`attention_reference`] dequantizes the cache to the original domain
 //! and runs dense attention in f64; tests compare the two.
+//!
+//! A cache with exact sinks and window or centered keys ([`crate::CacheOptions`]): the packed
+//! part runs as above over the packed positions only, with `scale · q·μ` added to each score;
+//! the exact part and the log-sum-exp merge live in `cpu/segments.rs`.
 
 use rayon::prelude::*;
 
