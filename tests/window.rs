@@ -460,3 +460,93 @@ fn bad_options_are_rejected() {
         );
     }
 }
+
+mod random_ops {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Append `n` tokens (clipped to a global cache's room) or truncate `back` tokens (clipped
+    /// to the retained ones).
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        Truncate(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1usize..12).prop_map(Op::Append),
+            1 => (0usize..8).prop_map(Op::Truncate),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// After any sequence of appends and truncates: the segments partition the retained
+        /// positions (`len − frontier ≤ W`), exact positions hold the f16 input of their
+        /// token, and attention matches the reference.
+        #[test]
+        fn segments_stay_consistent(
+            ring in any::<bool>(),
+            window in 0usize..10,
+            sinks in 0usize..3,
+            ops in proptest::collection::vec(op(), 1..10),
+        ) {
+            let d = 32;
+            let mode = if ring { CacheMode::Ring } else { CacheMode::Global };
+            let l = layout(d, 24, 3, 4, mode);
+            let mu = Gauss::new(30).vec(HEADS * d);
+            let opts = CacheOptions::default()
+                .with_window(window)
+                .with_sinks(sinks)
+                .with_key_mean(mu);
+            let mut c = KvCache::with_options(l, opts).unwrap();
+            // `tokens[p]`: the input row `[HEADS, d]` of position p (k, v).
+            let mut tokens: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+            let mut seed = 100;
+            for op in ops {
+                match op {
+                    Op::Append(n) => {
+                        let n = if ring { n } else { n.min(24 - c.len()) };
+                        if n == 0 {
+                            continue;
+                        }
+                        seed += 1;
+                        let (k, v) = kv(n, d, seed);
+                        c.append(Src::F32(&k), Src::F32(&v)).unwrap();
+                        for t in 0..n {
+                            tokens.push((span(&k, d, t, t + 1).to_vec(), span(&v, d, t, t + 1).to_vec()));
+                        }
+                    }
+                    Op::Truncate(back) => {
+                        let new_len = c.len().saturating_sub(back).max(c.first());
+                        c.truncate(new_len).unwrap();
+                        tokens.truncate(new_len);
+                    }
+                }
+                let (first, len, frontier) = (c.first(), c.len(), c.frontier());
+                prop_assert!(frontier <= len && len - frontier <= window.min(24));
+                for (p, (k, _)) in tokens.iter().enumerate().take(len).skip(first) {
+                    let seg = c.segment(p);
+                    if seg == Segment::Packed {
+                        continue;
+                    }
+                    let got = deq(&c, Side::Keys, p, 1, Domain::Original);
+                    let want = f16_by_head(k, 1, d);
+                    prop_assert!(same_bits(&got, &want), "pos {} ({:?})", p, seg);
+                }
+                if len > first {
+                    let n_q = (len - first).min(3);
+                    let q = Gauss::new(seed + 50).vec(n_q * 4 * d);
+                    let cfg = AttentionConfig::new(d);
+                    let err = rel_err(
+                        &attend(&c, &q, 4, &cfg, Simd::Auto),
+                        &reference(&c, &q, 4, &cfg),
+                    );
+                    prop_assert!(err < TOL, "attention: {}", err);
+                }
+            }
+        }
+    }
+}
