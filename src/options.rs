@@ -3,7 +3,9 @@
 //! - **Key centering**: one mean μ per (kv head, channel) is subtracted from every key before
 //!   it is quantized (smaller, better spread vectors for the quantizer). Attention adds the
 //!   constant `scale · q·μ` back to each packed score (one dot per query and head), so scores
-//!   equal those of the keys as given; dequantize adds μ back.
+//!   equal those of the keys as given; dequantize adds μ back. μ is one vector for every
+//!   position (post-RoPE); a position-dependent mean (pre-RoPE μ rotated per position) is not
+//!   implemented.
 //! - **Exact segments**: the first `sinks` positions and the newest `window` positions stay in
 //!   f16 (or bf16) beside the packed planes; a token is quantized once, when it leaves the
 //!   window. On real text most attention mass sits on these tokens.

@@ -8,6 +8,10 @@
 //! key and value. Both are compared with exact attention over the same layer: mean
 //! ‖o − ô‖/‖o‖, mean cosine, mean KL(p ‖ p̂) of the attention distributions, and the share of
 //! queries whose most-attended key changes.
+//!
+//! Exact keys and values are the input as read (widened to f32), and packed ones are quantized
+//! from it; a cache stores and quantizes the input rounded to f16, which is the same for f16
+//! input (the shipped samples) and differs by that rounding for f32 input.
 
 use rayon::prelude::*;
 use serde_json::{json, Value};
