@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use tqkv::cpu::{self, AttentionConfig, Simd};
 use tqkv::rotation::splitmix64;
-use tqkv::{CacheLayout, Codec, Domain, Dst, KvCache, Side, Src};
+use tqkv::{CacheLayout, Codec, Domain, Dst, KvCache, Preset, Side, Src};
 
 const D: usize = 128;
 const BITS: u32 = 4;
@@ -153,6 +153,19 @@ fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
             })
         });
     }
+    // Preset tq4 (4/4 bits, centered keys, exact window 32 and 1 sink): what the segments cost.
+    let tq4 = Preset::Tq4;
+    let layout = tq4.layout(1, D, CONTEXT).expect("layout");
+    let mut preset = KvCache::with_options(layout, tq4.options()).expect("cache");
+    preset.append(Src::F32(&k), Src::F32(&v)).expect("append");
+    g.bench_function("tqkv_4bit_tq4_preset", |b| {
+        pool.install(|| {
+            b.iter(|| {
+                let q = Src::F32(black_box(&q));
+                cpu::attention(black_box(&preset), q, 1, &cfg, &mut out).expect("attention")
+            })
+        })
+    });
     g.finish();
 
     // Other bit widths (keys/values), automatic kernels: informative, no target.
@@ -281,6 +294,7 @@ fn print_summary() {
             "tqkv_4bit",
             "tqkv_4bit_avx2",
             "tqkv_4bit_portable",
+            "tqkv_4bit_tq4_preset",
         ] {
             if let Some(t) = time_ns(&format!("{group}/{id}")) {
                 let r = t / base;

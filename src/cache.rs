@@ -7,6 +7,11 @@
 //! [`KvCache::first`]`..`[`KvCache::len`]: everything in a global cache, the last `capacity`
 //! positions written in a ring (fewer after a [`KvCache::truncate`]).
 //!
+//! Beyond plain TurboQuant ([`KvCache::new`]), [`KvCache::with_options`] adds key centering and
+//! exact sinks and recent window ([`CacheOptions`]); the defaults and the [`crate::Preset`]s are
+//! the recommended way. Exact positions `[max(frontier, sinks), len)` and `[0, sinks)` live
+//! beside the packed planes (see [`Segment`] and `docs/FORMAT.md`).
+//!
 //! ```
 //! use tqkv::cpu::{attention, AttentionConfig};
 //! use tqkv::{CacheLayout, KvCache, Src};
@@ -18,16 +23,29 @@
 //! let mut out = vec![0f32; q.len()];
 //! attention(&cache, Src::F32(&q), 6, &AttentionConfig::new(64), &mut out)?;
 //! assert_eq!((cache.len(), cache.memory_bytes() > 0), (5, true));
+//! // The recommended configuration: a preset (4/4 bits, centered keys, exact window and sink).
+//! let p = tqkv::Preset::Tq4;
+//! let mut tq4 = KvCache::with_options(p.layout(2, 64, 32)?, p.options())?;
+//! tq4.append(Src::F32(&kv), Src::F32(&kv))?;
+//! attention(&tq4, Src::F32(&q), 6, &AttentionConfig::new(64), &mut out)?;
 //! # Ok::<(), tqkv::TqError>(())
 //! ```
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
 use crate::codec::{Codec, Domain};
 use crate::cpu;
-use crate::dtype::{Dst, Src};
+use crate::dtype::{DType, Dst, Src};
 use crate::error::{invalid, Result};
 use crate::layout::{CacheLayout, CacheMode, Side};
+use crate::options::CacheOptions;
 
 /// The K/V cache of one layer, compressed with TurboQuant.
+///
+/// Segments (see [`CacheOptions`]): positions `p < sinks` are exact sinks; positions in
+/// `[max(frontier, sinks), len)` are exact in the recent window; the rest of the retained
+/// positions, `[max(first, sinks), frontier)`, are packed. `len - frontier ≤ window`.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     codec: Codec,
@@ -43,12 +61,37 @@ pub struct KvCache {
     len: usize,
     /// Oldest retained logical position (0 in a global cache).
     first: usize,
+    options: CacheOptions,
+    /// Effective sinks and window: the options' values, at most `capacity`.
+    sinks: usize,
+    window: usize,
+    /// Positions in `[sinks, frontier)` have been quantized into the packed planes.
+    frontier: usize,
+    /// Whether `key_mean` holds μ (given, or estimated from the first append).
+    mean_set: bool,
+    /// `[num_kv_heads, head_dim]` f32: μ in the original domain (empty without centering).
+    key_mean: Vec<f32>,
+    /// `[num_kv_heads, head_dim]` f32: R μ, μ in the rotated domain.
+    key_mean_rot: Vec<f32>,
+    /// `[num_kv_heads, sinks, head_dim]` f16/bf16 bits: position p < sinks at index p.
+    k_sinks: Vec<u16>,
+    v_sinks: Vec<u16>,
+    /// `[num_kv_heads, window, head_dim]` f16/bf16 bits: position p at slot `p % window`.
+    k_window: Vec<u16>,
+    v_window: Vec<u16>,
 }
 
 impl KvCache {
-    /// An empty cache with every plane allocated for `layout.capacity` tokens.
-    /// `num_kv_heads`, `head_dim` and `capacity` must be > 0.
+    /// An empty plain TurboQuant cache (no centering, no exact tokens) with every plane
+    /// allocated for `layout.capacity` tokens. `num_kv_heads`, `head_dim` and `capacity` must
+    /// be > 0. Prefer [`KvCache::with_options`] with [`CacheOptions::default`] or a
+    /// [`crate::Preset`]: better quality at nearly the same memory.
     pub fn new(layout: CacheLayout) -> Result<Self> {
+        Self::with_options(layout, CacheOptions::plain())
+    }
+
+    /// An empty cache with `options` (centering, exact sinks and window).
+    pub fn with_options(layout: CacheLayout, options: CacheOptions) -> Result<Self> {
         let codec = Codec::new(layout)?;
         let l = *codec.layout();
         if l.num_kv_heads == 0 || l.head_dim == 0 || l.capacity == 0 {
@@ -59,7 +102,12 @@ impl KvCache {
                 l.capacity
             );
         }
-        Ok(Self {
+        options.check(&l)?;
+        let (h, d) = (l.num_kv_heads, l.head_dim);
+        let sinks = options.sinks.min(l.capacity);
+        let window = options.window.min(l.capacity);
+        let mean_len = if options.center_keys { h * d } else { 0 };
+        let mut cache = Self {
             k_packed: vec![0; l.packed_len(Side::Keys)],
             k_norms: vec![0.0; l.norms_len()],
             v_packed: vec![0; l.packed_len(Side::Values)],
@@ -67,7 +115,22 @@ impl KvCache {
             codec,
             len: 0,
             first: 0,
-        })
+            sinks,
+            window,
+            frontier: 0,
+            mean_set: false,
+            key_mean: vec![0.0; mean_len],
+            key_mean_rot: vec![0.0; mean_len],
+            k_sinks: vec![0; h * sinks * d],
+            v_sinks: vec![0; h * sinks * d],
+            k_window: vec![0; h * window * d],
+            v_window: vec![0; h * window * d],
+            options,
+        };
+        if let Some(mu) = cache.options.key_mean.clone() {
+            cache.set_mean(&mu);
+        }
+        Ok(cache)
     }
 
     pub fn layout(&self) -> &CacheLayout {
@@ -76,6 +139,11 @@ impl KvCache {
 
     pub fn codec(&self) -> &Codec {
         &self.codec
+    }
+
+    /// The options the cache was built with.
+    pub fn options(&self) -> &CacheOptions {
+        &self.options
     }
 
     /// Tokens appended so far (after truncation): the logical position of the next token.
@@ -98,8 +166,66 @@ impl KvCache {
         self.first
     }
 
-    /// Exact heap bytes of every buffer the cache holds: the four planes plus the codec's
-    /// rotation signs and codebooks.
+    /// Exact sink positions: `0..sinks()` (at most `capacity`).
+    pub fn sinks(&self) -> usize {
+        self.sinks
+    }
+
+    /// Exact recent-window length in tokens (at most `capacity`).
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// The quantized frontier: retained positions in `[max(first, sinks), frontier)` are
+    /// packed, those in `[max(frontier, sinks), len)` exact in the window.
+    pub fn frontier(&self) -> usize {
+        self.frontier
+    }
+
+    /// The segment that holds retained position `pos`.
+    pub fn segment(&self, pos: usize) -> Segment {
+        if pos < self.sinks {
+            Segment::Sink
+        } else if pos < self.frontier {
+            Segment::Packed
+        } else {
+            Segment::Window
+        }
+    }
+
+    /// μ, `[num_kv_heads, head_dim]` f32 in the original domain, once given or estimated;
+    /// `None` without centering or before the first append.
+    pub fn key_mean(&self) -> Option<&[f32]> {
+        self.mean_set.then_some(self.key_mean.as_slice())
+    }
+
+    /// R μ (μ in the rotated domain, what a kernel dots with the rotated query), as
+    /// [`KvCache::key_mean`].
+    pub fn key_mean_rotated(&self) -> Option<&[f32]> {
+        self.mean_set.then_some(self.key_mean_rot.as_slice())
+    }
+
+    /// The exact sinks of one side, `[num_kv_heads, sinks, head_dim]` f16/bf16 bits
+    /// ([`CacheOptions::exact_dtype`]).
+    pub fn exact_sinks(&self, side: Side) -> &[u16] {
+        match side {
+            Side::Keys => &self.k_sinks,
+            Side::Values => &self.v_sinks,
+        }
+    }
+
+    /// The exact recent window of one side, `[num_kv_heads, window, head_dim]` f16/bf16 bits,
+    /// position p at slot `p % window`.
+    pub fn exact_window(&self, side: Side) -> &[u16] {
+        match side {
+            Side::Keys => &self.k_window,
+            Side::Values => &self.v_window,
+        }
+    }
+
+    /// Exact heap bytes of every buffer the cache holds: the four planes, the codec's rotation
+    /// signs and codebooks, the exact sinks and window, μ and R μ
+    /// ([`CacheOptions::memory_bytes`]).
     pub fn memory_bytes(&self) -> usize {
         let planes = self.k_packed.len()
             + self.v_packed.len()
@@ -113,7 +239,10 @@ impl KvCache {
             })
             .sum::<usize>()
             + codec.rotation().signs().len();
-        planes + 4 * tables
+        let exact =
+            self.k_sinks.len() + self.v_sinks.len() + self.k_window.len() + self.v_window.len();
+        let mean = self.key_mean.len() + self.key_mean_rot.len();
+        planes + 4 * tables + 2 * exact + 4 * mean
     }
 
     /// The packed plane of one side, `[num_kv_heads, capacity, row_bytes]` u8.
@@ -132,9 +261,22 @@ impl KvCache {
         }
     }
 
+    fn set_mean(&mut self, mu: &[f32]) {
+        let d = self.layout().head_dim;
+        self.key_mean.copy_from_slice(mu);
+        self.key_mean_rot.copy_from_slice(mu);
+        for row in self.key_mean_rot.chunks_exact_mut(d) {
+            self.codec.rotation().forward(row);
+        }
+        self.mean_set = true;
+    }
+
     /// Appends `n_new` tokens, `k` and `v` each `[n_new, num_kv_heads, head_dim]` (n_new is
     /// inferred from the length; 0 is a no-op). A global cache rejects tokens past `capacity`;
-    /// a ring keeps the last `capacity`. On any error the cache is left as it was.
+    /// a ring keeps the last `capacity`. Sinks and window tokens are stored in the exact dtype;
+    /// tokens leaving the window are quantized (keys minus μ). The first append to an empty
+    /// centering cache without a given μ sets μ to the mean of its keys. On any error the
+    /// cache is left as it was.
     pub fn append(&mut self, k: Src<'_>, v: Src<'_>) -> Result<()> {
         let l = *self.layout();
         let per_token = l.num_kv_heads * l.head_dim;
@@ -174,31 +316,172 @@ impl KvCache {
                 l.capacity
             );
         }
-        // A ring overwrites retained slots: keep them to restore on failure. In a global
-        // cache (or an empty ring) the written slots hold nothing visible until the append
-        // succeeds.
-        let backup =
-            (l.mode == CacheMode::Ring && !self.is_empty()).then(|| self.backup_slots(n_new));
-        let written = self.quantize_both(k, v, n_new);
+        let plain = self.sinks == 0 && self.window == 0 && !self.options.center_keys;
+        // New tokens as the exact segments store them (empty when nothing is kept exact).
+        let (k_exact, v_exact) = if self.sinks + self.window > 0 {
+            (self.to_exact("k", k)?, self.to_exact("v", v)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mean = if self.options.center_keys && !self.mean_set {
+            Some(mean_of(k, n_new, per_token)?)
+        } else {
+            None
+        };
+        // Positions leaving the window (or never entering it): `a..b`.
+        let a = self.frontier.max(self.sinks);
+        let b = a.max(end.saturating_sub(self.window));
+        let n_leave = b - a;
+        // A ring overwrites retained slots: keep them to restore on failure. Elsewhere the
+        // written slots hold nothing visible until the append succeeds.
+        let n_written = n_leave.min(l.capacity);
+        let backup = (n_leave > 0 && l.mode == CacheMode::Ring && !self.is_empty())
+            .then(|| self.backup_slots(b - n_written, n_written));
+        let written = if n_leave == 0 {
+            Ok(())
+        } else if plain {
+            self.quantize_both(k, v, n_new, self.len)
+        } else {
+            let mu = mean.as_deref();
+            let kq = self.leaving(Side::Keys, k, &k_exact, a, b, mu);
+            let vq = self.leaving(Side::Values, v, &v_exact, a, b, None);
+            self.quantize_both(Src::F32(&kq), Src::F32(&vq), n_leave, a)
+        };
         if let Err(e) = written {
             if let Some(b) = backup {
                 self.restore_slots(&b);
             }
             return Err(e);
         }
+        if let Some(mu) = mean {
+            self.set_mean(&mu);
+        }
+        self.store_exact(&k_exact, &v_exact, end);
         self.len = end;
         self.first = self.first.max(end.saturating_sub(l.capacity));
+        self.frontier = self.frontier.max(end.saturating_sub(self.window));
         Ok(())
     }
 
-    fn quantize_both(&mut self, k: Src<'_>, v: Src<'_>, n_new: usize) -> Result<()> {
+    /// `x` rounded to the exact dtype, as bits; `name` is "k" or "v".
+    fn to_exact(&self, name: &str, x: Src<'_>) -> Result<Vec<u16>> {
+        let dt = self.options.exact_dtype;
+        let mut buf = [0f32; 1024];
+        let d = self.layout().head_dim;
+        let mut out = Vec::with_capacity(x.len());
+        for start in (0..x.len()).step_by(d) {
+            x.read_f32(start, &mut buf[..d]);
+            for (j, &f) in buf[..d].iter().enumerate() {
+                let bits = match dt {
+                    DType::Bf16 => bf16::from_f32(f).to_bits(),
+                    _ => f16::from_f32(f).to_bits(),
+                };
+                if !f.is_finite() {
+                    invalid!("kv cache append: {name}[{}] is not finite ({f})", start + j);
+                }
+                if !from_bits(dt, bits).is_finite() {
+                    invalid!(
+                        "kv cache append: {name}[{}] = {f} overflows the exact dtype {dt:?} \
+                         (use CacheOptions::exact_dtype = Bf16)",
+                        start + j
+                    );
+                }
+                out.push(bits);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sources of positions `a..b` to quantize, `[b - a, num_kv_heads, head_dim]` f32:
+    /// exact copies (window or new tokens) when the cache keeps exact tokens, else the input;
+    /// minus `mu` (else minus the cache's μ when centering keys).
+    fn leaving(
+        &self,
+        side: Side,
+        x: Src<'_>,
+        x_exact: &[u16],
+        a: usize,
+        b: usize,
+        mu: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let l = self.layout();
+        let (h, d) = (l.num_kv_heads, l.head_dim);
+        let dt = self.options.exact_dtype;
+        let per_token = h * d;
+        let mut out = vec![0f32; (b - a) * per_token];
+        let window = self.exact_window(side);
+        for (t, row) in out.chunks_exact_mut(per_token).enumerate() {
+            let p = a + t;
+            if p < self.len {
+                for (hh, r) in row.chunks_exact_mut(d).enumerate() {
+                    let at = (hh * self.window + p % self.window) * d;
+                    for (o, &bits) in r.iter_mut().zip(&window[at..at + d]) {
+                        *o = from_bits(dt, bits);
+                    }
+                }
+            } else if x_exact.is_empty() {
+                x.read_f32((p - self.len) * per_token, row);
+            } else {
+                let at = (p - self.len) * per_token;
+                for (o, &bits) in row.iter_mut().zip(&x_exact[at..at + per_token]) {
+                    *o = from_bits(dt, bits);
+                }
+            }
+        }
+        let mu = match (side, mu) {
+            (Side::Keys, Some(m)) => Some(m),
+            (Side::Keys, None) if self.options.center_keys => Some(self.key_mean.as_slice()),
+            _ => None,
+        };
+        if let Some(mu) = mu {
+            for row in out.chunks_exact_mut(per_token) {
+                for (o, m) in row.iter_mut().zip(mu) {
+                    *o -= m;
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes the new tokens `len..end` (`[end - len, heads, d]` exact bits) into the sinks
+    /// and the window.
+    fn store_exact(&mut self, k_exact: &[u16], v_exact: &[u16], end: usize) {
+        if k_exact.is_empty() {
+            return;
+        }
+        let l = *self.layout();
+        let (h, d) = (l.num_kv_heads, l.head_dim);
+        let win_lo = end.saturating_sub(self.window).max(self.sinks);
+        for p in self.len..end {
+            let src = (p - self.len) * h * d;
+            for hh in 0..h {
+                let s = src + hh * d;
+                let dst = if p < self.sinks {
+                    (hh * self.sinks + p) * d
+                } else if p >= win_lo {
+                    (hh * self.window + p % self.window) * d
+                } else {
+                    continue;
+                };
+                let (ks, vs) = if p < self.sinks {
+                    (&mut self.k_sinks, &mut self.v_sinks)
+                } else {
+                    (&mut self.k_window, &mut self.v_window)
+                };
+                ks[dst..dst + d].copy_from_slice(&k_exact[s..s + d]);
+                vs[dst..dst + d].copy_from_slice(&v_exact[s..s + d]);
+            }
+        }
+    }
+
+    fn quantize_both(&mut self, k: Src<'_>, v: Src<'_>, n: usize, write_pos: usize) -> Result<()> {
         let codec = &self.codec;
         cpu::quantize(
             codec,
             Side::Keys,
             k,
-            n_new,
-            self.len,
+            n,
+            write_pos,
             &mut self.k_packed,
             &mut self.k_norms,
         )?;
@@ -206,18 +489,17 @@ impl KvCache {
             codec,
             Side::Values,
             v,
-            n_new,
-            self.len,
+            n,
+            write_pos,
             &mut self.v_packed,
             &mut self.v_norms,
         )
     }
 
-    /// Copies of the slots an append of `n_new` tokens writes (all heads, both sides).
-    fn backup_slots(&self, n_new: usize) -> SlotBackup {
+    /// Copies of the packed slots of positions `first_pos..first_pos + n` (all heads, both
+    /// sides).
+    fn backup_slots(&self, first_pos: usize, n: usize) -> SlotBackup {
         let l = self.layout();
-        let n = n_new.min(l.capacity);
-        let first_pos = self.len + n_new - n;
         let slots: Vec<usize> = (first_pos..first_pos + n).map(|p| l.slot(p)).collect();
         let mut b = SlotBackup {
             slots,
@@ -287,8 +569,10 @@ impl KvCache {
     }
 
     /// Dequantizes logical positions `start..start + n` of one side into
-    /// `dst: [num_kv_heads, n, head_dim]`, in the rotated or the original domain. Every position
-    /// must be retained (`first() ≤ start`, `start + n ≤ len()`). Values are bit-identical to
+    /// `dst: [num_kv_heads, n, head_dim]`, in the rotated or the original domain: the keys and
+    /// values as the cache holds them (exact segments widened; packed keys with μ added back,
+    /// R μ in the rotated domain). Every position must be retained (`first() ≤ start`,
+    /// `start + n ≤ len()`). Packed positions of a plain cache are bit-identical to
     /// [`cpu::dequantize_seq`] of the same slots.
     pub fn dequantize(
         &self,
@@ -312,35 +596,79 @@ impl KvCache {
         }
         let (rb, npp) = (l.row_bytes(side), l.norms_per_pos());
         let (packed, norms) = (self.packed(side), self.norms(side));
+        let mean = match (side, domain) {
+            (Side::Keys, Domain::Original) => self.key_mean(),
+            (Side::Keys, Domain::Rotated) => self.key_mean_rotated(),
+            _ => None,
+        };
         let mut out = [0f32; 1024];
         let mut idx = [0u8; 1024];
         for h in 0..l.num_kv_heads {
             for t in 0..n {
-                let at = h * cap + l.slot(start + t);
-                cpu::dequantize_vector(
-                    &self.codec,
-                    side,
-                    &packed[at * rb..(at + 1) * rb],
-                    &norms[at * npp..(at + 1) * npp],
-                    domain,
-                    &mut idx[..d],
-                    &mut out[..d],
-                );
-                dst.write_f32((h * n + t) * d, &out[..d]);
+                let p = start + t;
+                let o = &mut out[..d];
+                match self.segment(p) {
+                    Segment::Packed => {
+                        let at = h * cap + l.slot(p);
+                        cpu::dequantize_vector(
+                            &self.codec,
+                            side,
+                            &packed[at * rb..(at + 1) * rb],
+                            &norms[at * npp..(at + 1) * npp],
+                            domain,
+                            &mut idx[..d],
+                            o,
+                        );
+                        if let Some(mu) = mean {
+                            for (x, m) in o.iter_mut().zip(&mu[h * d..(h + 1) * d]) {
+                                *x += m;
+                            }
+                        }
+                    }
+                    seg => {
+                        self.read_exact(side, seg, h, p, o);
+                        if domain == Domain::Rotated {
+                            self.codec.rotation().forward(o);
+                        }
+                    }
+                }
+                dst.write_f32((h * n + t) * d, o);
             }
         }
         Ok(())
     }
 
-    /// Forgets every token: `len() = 0`. Buffers keep their size and contents.
+    /// Widens the exact copy of position `p` (a sink or in the window) of head `h` into `out`.
+    pub(crate) fn read_exact(&self, side: Side, seg: Segment, h: usize, p: usize, out: &mut [f32]) {
+        let d = out.len();
+        let (buf, at) = match seg {
+            Segment::Sink => (self.exact_sinks(side), (h * self.sinks + p) * d),
+            _ => (
+                self.exact_window(side),
+                (h * self.window + p % self.window) * d,
+            ),
+        };
+        let bits = &buf[at..at + d];
+        match self.options.exact_dtype {
+            DType::Bf16 => bytemuck::cast_slice::<u16, bf16>(bits).convert_to_f32_slice(out),
+            _ => bytemuck::cast_slice::<u16, f16>(bits).convert_to_f32_slice(out),
+        }
+    }
+
+    /// Forgets every token: `len() = 0`. Buffers keep their size and contents; a μ estimated
+    /// from the first append is forgotten too (the next append estimates it again), a given
+    /// one is kept.
     pub fn reset(&mut self) {
         self.len = 0;
         self.first = 0;
+        self.frontier = 0;
+        self.mean_set = self.options.key_mean.is_some();
     }
 
     /// Drops the tokens at positions `new_len..len()` (rejected speculative tokens, prompt
     /// reuse); the next append writes at `new_len`. `new_len` must be ≤ `len()` and, in a ring,
-    /// ≥ `first()`: older positions were overwritten and cannot come back.
+    /// ≥ `first()`: older positions were overwritten and cannot come back. Below the frontier,
+    /// retained positions stay quantized (the frontier moves down to `new_len`); μ is kept.
     pub fn truncate(&mut self, new_len: usize) -> Result<()> {
         if new_len > self.len {
             invalid!(
@@ -356,8 +684,50 @@ impl KvCache {
             );
         }
         self.len = new_len;
+        self.frontier = self.frontier.min(new_len);
         Ok(())
     }
+}
+
+/// Where a retained position lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// An exact sink (`pos < sinks`).
+    Sink,
+    /// The packed planes.
+    Packed,
+    /// The exact recent window.
+    Window,
+}
+
+/// Widens f16/bf16 bits to f32 (exact).
+#[inline]
+pub(crate) fn from_bits(dt: DType, bits: u16) -> f32 {
+    match dt {
+        DType::Bf16 => bf16::from_bits(bits).to_f32(),
+        _ => f16::from_bits(bits).to_f32(),
+    }
+}
+
+/// Per-(head, channel) mean of the keys `k: [n, num_kv_heads, head_dim]` (f64 sums, rounded
+/// to f32), `[num_kv_heads, head_dim]`.
+fn mean_of(k: Src<'_>, n: usize, per_token: usize) -> Result<Vec<f32>> {
+    let mut sum = vec![0f64; per_token];
+    let mut row = vec![0f32; per_token];
+    for t in 0..n {
+        k.read_f32(t * per_token, &mut row);
+        for (s, &x) in sum.iter_mut().zip(&row) {
+            *s += x as f64;
+        }
+    }
+    let mu: Vec<f32> = sum.iter().map(|s| (s / n as f64) as f32).collect();
+    if let Some(i) = mu.iter().position(|m| !m.is_finite()) {
+        invalid!(
+            "kv cache append: the key mean of channel {i} (head-major) is not finite; the keys \
+             hold NaN or infinite values"
+        );
+    }
+    Ok(mu)
 }
 
 /// Saved slot contents, `[num_kv_heads, slots.len(), ...]` per buffer.

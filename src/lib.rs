@@ -23,11 +23,13 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod options;
 pub mod pack;
 pub mod rotation;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, Segment};
 pub use codec::{Codec, Domain};
 pub use dtype::{DType, Dst, Src};
 pub use error::{Result, TqError};
 pub use layout::{CacheLayout, CacheMode, Side};
+pub use options::{CacheOptions, Preset};

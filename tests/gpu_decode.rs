@@ -586,6 +586,16 @@ fn bad_arguments_are_errors_naming_the_op_and_values() {
         e.contains("retains positions 5..7") && e.contains("must retain 3..7"),
         "{e}"
     );
+    let mut centered = KvCache::with_options(l, tqkv::CacheOptions::default()).expect("cache");
+    let tok = Gauss::new(3).vec(2 * 2 * 128);
+    centered
+        .append(Src::F32(&tok), Src::F32(&tok))
+        .expect("append");
+    let e = msg(batch.upload(0, &centered));
+    assert!(
+        e.contains("plain TurboQuant") && e.contains("center_keys=true, sinks=1"),
+        "{e}"
+    );
 }
 
 #[test]

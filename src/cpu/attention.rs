@@ -18,6 +18,10 @@
 //! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512) or gathers (AVX2).
 //! [`attention_reference`] dequantizes the cache to the original domain and runs dense
 //! attention in f64; tests compare the two.
+//!
+//! A cache with exact sinks and window or centered keys ([`crate::CacheOptions`]): the packed
+//! part runs as above over the packed positions only, with `scale · q·μ` added to each score;
+//! the exact part and the log-sum-exp merge live in `cpu/segments.rs`.
 
 use rayon::prelude::*;
 
@@ -26,6 +30,8 @@ use crate::dtype::Src;
 use crate::error::{invalid, Result};
 use crate::layout::Side;
 use crate::pack::unpack_row;
+
+use super::segments::{self, SegScratch, Segments};
 
 /// Attention parameters, `#[repr(C)]` so a GPU kernel can take the same struct (12 bytes).
 #[repr(C)]
@@ -310,6 +316,8 @@ struct Ctx<'a> {
     plan: AttentionPlan,
     cfg: AttentionConfig,
     cache: &'a KvCache,
+    /// Exact sinks and window, key mean.
+    segs: Segments<'a>,
     keys: Plane<'a>,
     values: Plane<'a>,
     d: usize,
@@ -399,6 +407,7 @@ impl<'a> Ctx<'a> {
             plan,
             cfg: *cfg,
             cache,
+            segs: Segments::new(cache),
             keys: Plane::new(cache, Side::Keys),
             values: Plane::new(cache, Side::Values),
             d: l.head_dim,
@@ -416,6 +425,7 @@ struct Scratch {
     buf: [f32; 1024],
     idx: [u8; 1024],
     scores: Vec<f32>,
+    seg: SegScratch,
 }
 
 impl Default for Scratch {
@@ -426,6 +436,7 @@ impl Default for Scratch {
             buf: [0.0; 1024],
             idx: [0; 1024],
             scores: Vec::new(),
+            seg: SegScratch::default(),
         }
     }
 }
@@ -583,20 +594,28 @@ impl Kernels for Portable {
     }
 }
 
-/// One (query `i`, head `h`) item: rotate q, score the visible keys, softmax, accumulate the
-/// values, rotate the output back into `out` (`head_dim` values).
+/// One (query `i`, head `h`) item: score the exact segments ([`segments`]); rotate q, score
+/// the visible packed keys, softmax, accumulate the values, rotate the output back into `out`
+/// (`head_dim` values), merged with the exact part by log-sum-exp.
 #[inline(always)]
 fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &mut [f32]) {
     let (d, cap) = (ctx.d, ctx.capacity);
     let plan = &ctx.plan;
     let g = h / plan.group;
     let (lo, hi) = plan.visible(i);
-    let count = hi + 1 - lo;
+    let split = ctx.segs.split(lo, hi);
+    let count = split.packed.len();
     let layout = ctx.cache.layout();
     let rotation = ctx.cache.codec().rotation();
 
     let q = &mut s.q[..d];
     ctx.q.read_f32((i * plan.num_heads + h) * d, q);
+    let exact = ctx.segs.exact_part(q, g, &split, &ctx.cfg, &mut s.seg);
+    if count == 0 {
+        segments::finish_exact(&exact, &s.seg, out);
+        return;
+    }
+    let bias = ctx.segs.key_bias(q, g, ctx.cfg.scale);
     rotation.forward(q);
     for v in q.iter_mut() {
         *v *= ctx.q_mul;
@@ -607,13 +626,13 @@ fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &
     }
 
     s.scores.resize(count, 0.0);
-    let first_slot = layout.slot(lo);
+    let first_slot = layout.slot(split.packed.start);
     let mut slot = first_slot;
     let mut max = f32::NEG_INFINITY;
     let c = ctx.cfg.softcap;
     for sc in s.scores.iter_mut() {
         let (row, norms) = ctx.keys.row(g * cap + slot);
-        let mut x = K::score(&ctx.keys, q, row, norms, idx, buf);
+        let mut x = K::score(&ctx.keys, q, row, norms, idx, buf) + bias;
         if c > 0.0 {
             x = c * (x / c).tanh();
         }
@@ -645,11 +664,12 @@ fn attend<K: Kernels>(ctx: &Ctx<'_>, i: usize, h: usize, s: &mut Scratch, out: &
     if K::SPLIT4 > 0 && ctx.values.bits == 4 {
         merge_even_odd(acc, K::SPLIT4, buf);
     }
-    let f = (ctx.v_mul as f64 / sum) as f32;
+    let (f, f_exact) = segments::merge_factors(max, sum, &exact, ctx.v_mul);
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a * f;
     }
     rotation.inverse(out);
+    segments::add_exact(&s.seg, f_exact, out);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod dequantize;
 pub mod quantize;
+pub(crate) mod segments;
 
 pub use attention::{attention, attention_reference, attention_with, AttentionConfig, Simd};
 pub use dequantize::{dequantize_pos, dequantize_seq, dequantize_vector};

@@ -165,7 +165,8 @@ impl BatchCache {
     /// Copies a CPU cache into sequence `seq`: its planes, length and mode. The cache must have
     /// this batch's layout (mode aside) and retain exactly what the kernels assume: every
     /// position of a global cache, the last `min(len, capacity)` positions of a ring (no
-    /// truncation below a wrapped ring's window).
+    /// truncation below a wrapped ring's window), and be plain TurboQuant (no key centering, no
+    /// exact sinks or window: the GPU decode does not read those yet).
     pub fn upload(&mut self, seq: usize, cache: &KvCache) -> Result<()> {
         let op = "batch cache upload";
         self.check_seq(op, seq)?;
@@ -173,6 +174,17 @@ impl BatchCache {
         let same = CacheLayout { mode: l.mode, ..c } == l;
         if !same {
             invalid!("{op}: cache layout {c:?} differs from the batch layout {l:?} (mode aside)");
+        }
+        let o = cache.options();
+        if o.center_keys || cache.sinks() > 0 || cache.window() > 0 {
+            invalid!(
+                "{op}: the GPU decode reads plain TurboQuant caches; this cache has \
+                 center_keys={}, sinks={}, window={} (build it with KvCache::new or \
+                 CacheOptions::plain())",
+                o.center_keys,
+                cache.sinks(),
+                cache.window()
+            );
         }
         let want_first = match c.mode {
             CacheMode::Global => 0,

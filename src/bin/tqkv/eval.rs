@@ -1,5 +1,6 @@
 //! `tqkv eval`: what the codec does to KV activations — reconstruction error of K and V against
-//! the Lloyd-Max theory, and the fidelity of causal GQA attention over the dequantized cache.
+//! the Lloyd-Max theory, the fidelity of causal GQA attention over the dequantized cache, and
+//! the causal evaluation of the presets beside plain TurboQuant ([`crate::causal`]).
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
@@ -10,13 +11,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use crate::causal::{self, Variant};
 use crate::data::{self, Dataset};
 use crate::kvio::{layout_for, parse_bits_pair, roundtrip, Bits};
 use crate::reference::{attend_head, HeadOutput, Shape};
 use tqkv::codebook::{centroids_f64, gaussian_distortion};
 use tqkv::io::KvLayer;
 use tqkv::layout::DEFAULT_SEED;
-use tqkv::{Result, Side, TqError};
+use tqkv::{Preset, Result, Side, TqError};
 
 const DEFAULT_BITS: &str = "8/8,6/6,5/5,4/4,3/3,2/2,8/4,4/2";
 
@@ -43,9 +45,52 @@ pub struct EvalArgs {
     /// Cache slots per head (default: each tensor's token count); longer tensors are an error.
     #[arg(long, value_name = "N")]
     pub capacity: Option<usize>,
-    /// Print one JSON object (`datasets`, `rows`) instead of tables.
+    /// Presets to evaluate causally beside plain TurboQuant at the same bits: comma-separated
+    /// names (tq8, k8v4, tq6, k6v4, tq4, tq3), `all` or `none`.
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    pub presets: Vec<String>,
+    /// Exact recent window of the presets, in tokens (default: the presets' 32).
+    #[arg(long, value_name = "W")]
+    pub window: Option<usize>,
+    /// Exact sink tokens of the presets (default: the presets' 1).
+    #[arg(long, value_name = "S")]
+    pub sinks: Option<usize>,
+    /// Tokens of the prefill, the first append from which the presets estimate the key mean μ
+    /// (default: every token of the layer, the whole text as one prompt).
+    #[arg(long, value_name = "N")]
+    pub prefill: Option<usize>,
+    /// Also evaluate each preset's centering alone and its exact tokens alone.
+    #[arg(long)]
+    pub ablation: bool,
+    /// Print the preset table of every layer too.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Print one JSON object (`datasets`, `rows`, `presets`) instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The presets named by `--presets`.
+fn presets(names: &[String]) -> Result<Vec<Preset>> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.trim() {
+            "all" => out.extend(Preset::ALL),
+            "none" => {}
+            other => {
+                out.push(other.parse::<Preset>().map_err(|e| {
+                    TqError::InvalidArgument(format!("--presets: {e} (or all, none)"))
+                })?)
+            }
+        }
+    }
+    out.dedup();
+    Ok(out)
 }
 
 /// Reconstruction error of one side, summed over vectors.
@@ -211,11 +256,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(path) => vec![data::from_file(path)?],
         None => vec![data::shipped_sample()?, data::synthetic()],
     };
+    let variants: Vec<Variant> = presets(&args.presets)?
+        .into_iter()
+        .flat_map(|p| Variant::for_preset(p, args.window, args.sinks, args.ablation))
+        .collect();
     for ds in &datasets {
         check(ds, &args)?;
     }
-    let steps: usize =
-        datasets.iter().map(|d| d.layers.len()).sum::<usize>() * (args.bits.len() + 1);
+    let preset_steps = if variants.is_empty() { 0 } else { 1 };
+    let steps: usize = datasets.iter().map(|d| d.layers.len()).sum::<usize>()
+        * (args.bits.len() + 1 + preset_steps);
     let progress = if std::io::stderr().is_terminal() {
         ProgressBar::new(steps as u64)
     } else {
@@ -227,9 +277,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut rows = Vec::new();
+    let mut preset_text = String::new();
+    let mut preset_json = Vec::new();
     for ds in &datasets {
         progress.set_message(ds.name.clone());
         rows.extend(evaluate(ds, &args, &progress)?);
+        let Some(first) = ds.layers.first().map(|l| &l.k) else {
+            continue;
+        };
+        if variants.is_empty() {
+            continue;
+        }
+        let results = causal::evaluate(&ds.layers, &variants, args.seed, args.prefill, &progress)?;
+        let setup = causal::Setup {
+            dataset: &ds.name,
+            heads: first.heads,
+            head_dim: first.head_dim,
+            tokens: first.tokens,
+            prefill: args.prefill,
+        };
+        preset_text.push_str(&causal::table(&setup, &variants, &results, args.per_layer));
+        preset_json.extend(causal::json(&setup, &variants, &results));
     }
     progress.finish_and_clear();
     let text = if args.json {
@@ -238,10 +306,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "seed": args.seed,
             "datasets": datasets.iter().map(describe_json).collect::<Vec<_>>(),
             "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "presets": preset_json,
         });
         format!("{out:#}\n")
     } else {
-        tables(&datasets, &rows)
+        tables(&datasets, &rows) + "\n" + &preset_text
     };
     std::io::stdout()
         .lock()
@@ -263,6 +332,14 @@ fn check(ds: &Dataset, args: &EvalArgs) -> Result<()> {
         }
         for &bits in &args.bits {
             layout_for(&layer.k, bits, args.seed, args.capacity)?;
+        }
+        if let (Some(p), Some(_)) = (args.prefill, &layer.q) {
+            if p == 0 || p > layer.k.tokens {
+                return Err(TqError::InvalidArgument(format!(
+                    "{}: --prefill ({p}) must be in 1..={} (the layer's tokens)",
+                    layer.name, layer.k.tokens
+                )));
+            }
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tqkv::codebook::SUPPORTED_BITS;
 use tqkv::io::KvTensor;
-use tqkv::{cpu, CacheLayout, Codec, Domain, Dst, Result, Side, Src, TqError};
+use tqkv::{cpu, CacheLayout, Codec, Domain, Dst, Preset, Result, Side, Src, TqError};
 
 /// Bits per index of keys and of values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +114,42 @@ pub fn roundtrip(t: &KvTensor, side: Side, layout: CacheLayout) -> Result<Vec<f3
         }
     }
     Ok(out)
+}
+
+/// [`roundtrip`] of centered keys, as a [`tqkv::KvCache`] with centering does it: μ = the
+/// per-(head, channel) mean of `t` over its tokens (f64 sums, rounded to f32), `t − μ`
+/// quantized and dequantized, μ added back.
+pub fn roundtrip_centered(t: &KvTensor, side: Side, layout: CacheLayout) -> Result<Vec<f32>> {
+    let per_token = t.heads * t.head_dim;
+    if t.data.is_empty() || per_token == 0 {
+        return Ok(vec![0f32; t.data.len()]);
+    }
+    t.check_finite()?;
+    let mut sum = vec![0f64; per_token];
+    for row in t.data.chunks_exact(per_token) {
+        for (s, &x) in sum.iter_mut().zip(row) {
+            *s += x as f64;
+        }
+    }
+    let mu: Vec<f32> = sum.iter().map(|s| (s / t.tokens as f64) as f32).collect();
+    let mut centered = t.clone();
+    for row in centered.data.chunks_exact_mut(per_token) {
+        for (x, m) in row.iter_mut().zip(&mu) {
+            *x -= m;
+        }
+    }
+    let mut out = roundtrip(&centered, side, layout)?;
+    for row in out.chunks_exact_mut(per_token) {
+        for (x, m) in row.iter_mut().zip(&mu) {
+            *x += m;
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a preset name for clap.
+pub fn parse_preset(s: &str) -> std::result::Result<Preset, String> {
+    s.parse::<Preset>().map_err(|e| e.to_string())
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, renamed at the end:

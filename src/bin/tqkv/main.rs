@@ -1,6 +1,7 @@
 //! The `tqkv` command line: a thin dispatcher, one subcommand per file.
 
 mod bench;
+mod causal;
 mod data;
 mod eval;
 mod kvio;

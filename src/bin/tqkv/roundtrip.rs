@@ -1,5 +1,8 @@
 //! `tqkv roundtrip`: quantize → dequantize (original domain) of every K/V tensor of a
-//! safetensors file, so external harnesses can measure the codec on their own model.
+//! safetensors file, so external harnesses can measure the codec on their own model. With
+//! `--center-keys` (or a preset) keys are centered first and the mean is added back. Every token
+//! is quantized: the exact window and sinks of a cache depend on the query position, which a
+//! tensor round trip has not; a harness keeps the tokens it wants exact from its own input.
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -9,19 +12,30 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, TensorView, View};
 use safetensors::SafeTensors;
 
-use crate::kvio::{layout_for, parse_bits, roundtrip, write_atomic, Bits};
+use crate::kvio::{
+    layout_for, parse_bits, parse_preset, roundtrip, roundtrip_centered, write_atomic, Bits,
+};
 use tqkv::io::{kv_role, parse, tensors_in_order, KvTensor};
 use tqkv::layout::DEFAULT_SEED;
-use tqkv::{Result, Side, TqError};
+use tqkv::{Preset, Result, Side, TqError};
 
 #[derive(Args, Debug)]
 pub struct RoundtripArgs {
-    /// Bits per key index: 2, 3, 4, 5, 6 or 8.
-    #[arg(long, value_name = "KB", value_parser = parse_bits)]
-    pub k_bits: u32,
-    /// Bits per value index: 2, 3, 4, 5, 6 or 8.
-    #[arg(long, value_name = "VB", value_parser = parse_bits)]
-    pub v_bits: u32,
+    /// Bits per key index: 2, 3, 4, 5, 6 or 8 (or --preset).
+    #[arg(long, value_name = "KB", value_parser = parse_bits,
+          required_unless_present = "preset", requires = "v_bits", conflicts_with = "preset")]
+    pub k_bits: Option<u32>,
+    /// Bits per value index: 2, 3, 4, 5, 6 or 8 (or --preset).
+    #[arg(long, value_name = "VB", value_parser = parse_bits,
+          required_unless_present = "preset", requires = "k_bits", conflicts_with = "preset")]
+    pub v_bits: Option<u32>,
+    /// A preset's bits and key centering: tq8, k8v4, tq6, k6v4, tq4, tq3.
+    #[arg(long, value_name = "NAME", value_parser = parse_preset)]
+    pub preset: Option<Preset>,
+    /// Center keys: subtract each K tensor's per-(head, channel) mean over its tokens before
+    /// quantizing, add it back after (what a centering cache does with its prefill).
+    #[arg(long)]
+    pub center_keys: bool,
     /// Rotation seed.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub seed: u64,
@@ -85,9 +99,17 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
         .1
         .metadata()
         .clone();
-    let bits = Bits {
-        k: args.k_bits,
-        v: args.v_bits,
+    let (bits, center) = match (args.preset, args.k_bits, args.v_bits) {
+        (Some(p), _, _) => {
+            let (k, v) = p.bits();
+            (Bits { k, v }, args.center_keys || p.options().center_keys)
+        }
+        (None, Some(k), Some(v)) => (Bits { k, v }, args.center_keys),
+        _ => {
+            return Err(TqError::InvalidArgument(
+                "roundtrip: give --preset or both --k-bits and --v-bits".into(),
+            ))
+        }
     };
     // Every tensor is converted before the first error (in name order) is reported, so the
     // error does not depend on thread timing.
@@ -101,7 +123,11 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
             };
             let t = KvTensor::from_view(&name, &view)?;
             let layout = layout_for(&t, bits, args.seed, args.capacity)?;
-            let out = roundtrip(&t, side, layout)?;
+            let out = if center && side == Side::Keys {
+                roundtrip_centered(&t, side, layout)?
+            } else {
+                roundtrip(&t, side, layout)?
+            };
             let shape = view.shape().to_vec();
             let bytes = out.iter().flat_map(|x| x.to_le_bytes()).collect();
             Ok((name, OutTensor::F32 { shape, bytes }))
@@ -121,11 +147,14 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
     metadata.insert(
         "tqkv_roundtrip".into(),
         format!(
-            "tqkv {} roundtrip: k_bits={} v_bits={} seed={}; K/V tensors dequantized to f32",
+            "tqkv {} roundtrip: k_bits={} v_bits={} seed={} center_keys={center}{}; K/V \
+             tensors dequantized to f32",
             env!("CARGO_PKG_VERSION"),
             bits.k,
             bits.v,
-            args.seed
+            args.seed,
+            args.preset
+                .map_or(String::new(), |p| format!(" preset={p}")),
         ),
     );
     let out_bytes = safetensors::serialize(
@@ -136,9 +165,10 @@ pub fn run(args: RoundtripArgs) -> Result<()> {
     let out_shown = args.output.display().to_string();
     write_atomic(&args.output, &out_bytes)?;
     println!(
-        "{out_shown}: {n_kv} K/V tensors round-tripped at {}/{} bits (f32), {} copied",
+        "{out_shown}: {n_kv} K/V tensors round-tripped at {}/{} bits{} (f32), {} copied",
         bits.k,
         bits.v,
+        if center { ", keys centered" } else { "" },
         tensors.len() - n_kv
     );
     Ok(())
