@@ -25,7 +25,7 @@ struct QuantizeParams {
     float bucket_offset;
 };
 
-// Buckets of the index lookup (src/cuda/codec.rs builds the table, `bucket_table`).
+// Buckets of the index lookup (the table: `BucketTable` in src/cuda/codec.rs).
 #define BUCKETS (4 << BITS)
 
 // Adds the index of u at stream bit i * SB of the lane's words lw (zero there before): the number
