@@ -5,6 +5,10 @@
 // Grid-stride over vectors v = j * num_kv_heads + h (source token skip + j, head h).
 
 #define WARPS 8
+// Resident blocks per SM the register allocation must allow at 16 coordinates per lane: 4 (64
+// registers) for 16-bit inputs, 3 (80) for f32; a few words spill, outside the per-coordinate
+// work. The compiler's choice otherwise.
+#define MIN_BLOCKS (E != 16 ? 1 : IN_DTYPE == DT_F32 ? 3 : 4)
 #define IN_SIZE DT_SIZE(IN_DTYPE)
 
 // Mirrors QuantizeParams in src/cuda/params.rs field by field.
@@ -17,21 +21,69 @@ struct QuantizeParams {
     float sqrt_d;         // sqrt(HEAD_DIM) as f32
     float inv_sqrt_d;     // (1 / sqrt(HEAD_DIM) as f64) as f32
     float scale_factor;   // scale_factor_d512 (HEAD_DIM > 256)
+    float bucket_scale;   // index lookup: bucket of u = floor(fma(u, bucket_scale, bucket_offset))
+    float bucket_offset;
 };
 
-// Number of boundaries strictly below u (NaN -> 0), exactly the CPU's index: a branch-free
-// search of the boundaries in Eytzinger order (s_eyt[1..2^BITS), node k's children 2k, 2k+1),
-// so the lanes of one step read neighbouring words.
-__device__ __forceinline__ u32 nearest_index(const float* s_eyt, float u) {
-    // Byte offset of node k, advanced as 4k -> 8k + 4 * (s_eyt[k] < u): a compare, a select and
-    // a shift-add per level.
-    u32 a = 4;
-#pragma unroll
-    for (int level = 0; level < BITS; ++level) {
-        const float b = *reinterpret_cast<const float*>(reinterpret_cast<const u8*>(s_eyt) + a);
-        a = 2 * a + (b < u ? 4u : 0u);
+// Buckets of the index lookup (the table: `BucketTable` in src/cuda/codec.rs).
+#define BUCKETS (4 << BITS)
+
+// Adds the index of u at stream bit i * SB of the lane's words lw (zero there before): the number
+// of boundaries strictly below u (NaN -> 0), exactly the CPU's index. Bucket
+// c = min(floor(fma(u, bucket_scale, bucket_offset)), BUCKETS - 1) (as u32: negatives and NaN
+// -> 0) is monotone in u and holds at most one boundary, so the index is s_tab[c].y (the
+// boundaries in lower buckets) + (s_tab[c].x < u) (s_tab[c].x: the bucket's boundary as f32 bits,
+// +inf if none). The fma only picks the bucket; the host mirrors it bit for bit.
+__device__ __forceinline__ void pack_index(const uint2* s_tab, float u, float bucket_scale, float bucket_offset,
+                                           u32 (&lw)[LANE_WORDS + 1], int i) {
+    const u32 c = min(__float2uint_rd(__fmaf_rn(u, bucket_scale, bucket_offset)), (u32)(BUCKETS - 1));
+    const uint2 e = s_tab[c];
+    const int bp = i * SB;
+    const int off = bp & 31;
+    if (off + SB <= 32) {
+        // The index's bits stay inside one word: a shift-add of the base, then a predicated add.
+        u32 w = lw[bp >> 5] + (e.y << off);
+        asm("{\n\t.reg .pred a;\n\tsetp.lt.f32 a, %1, %2;\n\t@a add.u32 %0, %0, %3;\n\t}"
+            : "+r"(w)
+            : "f"(__uint_as_float(e.x)), "f"(u), "r"(1u << off));
+        lw[bp >> 5] = w;
+    } else {
+        const u32 idx = e.y + (__uint_as_float(e.x) < u ? 1u : 0u);
+        lw[bp >> 5] += idx << off;
+        lw[(bp >> 5) + 1] += idx >> (32 - off);
     }
-    return (a >> 2) - N_CENTROIDS;
+}
+
+// Loads N words from 16-byte aligned shared memory.
+template <int N>
+__device__ __forceinline__ void load_shared_words(const u32* p, u32* w) {
+    static_assert(N % 4 == 0, "whole 16-byte chunks");
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+        const uint4 q = reinterpret_cast<const uint4*>(p)[i];
+        w[4 * i] = q.x;
+        w[4 * i + 1] = q.y;
+        w[4 * i + 2] = q.z;
+        w[4 * i + 3] = q.w;
+    }
+}
+
+// An advance of vector v by d = q * num_kv_heads + r (r < num_kv_heads) on (j, h) = (v / nkv,
+// v % nkv), without division: h wraps at most once.
+struct Step {
+    u64 q;
+    u32 r, wrap;  // wrap = num_kv_heads - r (>= 1): h >= wrap means h + r wraps
+    __device__ __forceinline__ void advance(u64& j, u32& h) const {
+        const bool carry = h >= wrap;
+        h = carry ? h - wrap : h + r;
+        j += q + (carry ? 1 : 0);
+    }
+};
+
+__device__ __forceinline__ Step make_step(u64 d, u32 num_kv_heads) {
+    u64 q, r;
+    divmod(d, num_kv_heads, q, r);
+    return Step{q, (u32)r, num_kv_heads - (u32)r};
 }
 
 // Where vector (j, h) of tq_quantize comes from and goes: source token skip + j, logical
@@ -70,43 +122,68 @@ template <class Map>
 __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8* __restrict__ packed,
                                                  float* __restrict__ norms, u64* __restrict__ status,
                                                  const float* __restrict__ signs,
-                                                 const float* __restrict__ eytzinger, const QuantizeParams& p,
+                                                 const uint2* __restrict__ buckets, const QuantizeParams& p,
                                                  const Map& map) {
-    // [0] unused; [1..2^BITS) the boundaries in Eytzinger order.
-    __shared__ float s_eyt[N_CENTROIDS];
-    for (int i = threadIdx.x; i < N_CENTROIDS; i += blockDim.x) s_eyt[i] = eytzinger[i];
-    __syncthreads();
+    // The index lookup table (pack_index).
+    __shared__ uint2 s_tab[BUCKETS];
+    for (int i = threadIdx.x; i < BUCKETS; i += blockDim.x) s_tab[i] = buckets[i];
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int sub = lane % LPV;
     const int group = lane / LPV;
-    float sg[E];
-#pragma unroll
-    for (int i = 0; i < E; ++i) sg[i] = __ldg(signs + sub * E + i);
-
     constexpr int IN_BYTES = E * IN_SIZE;
+    constexpr int IN_WORDS = WORDS_OF(IN_BYTES);
+    // D as sign-bit masks over the raw input words of a row: x * (+-1) is exactly x with its
+    // sign bit flipped where the sign is -1 (NaN payloads aside, which fail the vector anyway).
+    __shared__ __align__(16) u32 s_sign[LPV * IN_WORDS];
+    for (int w = threadIdx.x; w < LPV * IN_WORDS; w += blockDim.x) {
+#if IN_DTYPE == DT_F32
+        s_sign[w] = __ldg(signs + w) < 0.0f ? 0x80000000u : 0u;
+#else
+        s_sign[w] = (__ldg(signs + 2 * w) < 0.0f ? 0x8000u : 0u) | (__ldg(signs + 2 * w + 1) < 0.0f ? 0x80000000u : 0u);
+#endif
+    }
+    __syncthreads();
+
+    // Vector v = j * num_kv_heads + h is tracked as (j, h) and advanced without division.
+    const u32 nkv = p.num_kv_heads;
     constexpr u64 PER_WARP = (u64)GROUPS * VPW;
     const u64 stride = (u64)gridDim.x * WARPS * PER_WARP;
-    for (u64 base = ((u64)blockIdx.x * WARPS + warp) * PER_WARP; base < p.n_vectors; base += stride) {
+    const Step step_next = make_step(stride, nkv);
+    const Step step_group = make_step(GROUPS, nkv);
+    const u64 first = ((u64)blockIdx.x * WARPS + warp) * PER_WARP;
+    u64 j_base;
+    u32 h_base;
+    {
+        u64 h;
+        divmod(first + group, nkv, j_base, h);
+        h_base = (u32)h;
+    }
+    for (u64 base = first; base < p.n_vectors; base += stride, step_next.advance(j_base, h_base)) {
         // Load phase: group g takes vectors base + k * GROUPS + g (a warp reads contiguous rows).
-        // Past the end, a group recomputes the last vector and stores nothing (shuffles need
-        // every lane).
-        u32 raw[VPW][WORDS_OF(IN_BYTES)];
+        // Past the end, a group computes vector 0 and stores nothing (shuffles need every lane).
+        u32 raw[VPW][IN_WORDS];
         u64 jv[VPW], hv[VPW];
         bool valid[VPW];
+        u64 j = j_base;
+        u32 h = h_base;
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            const u64 v0 = base + (u64)k * GROUPS + group;
-            valid[k] = v0 < p.n_vectors;
-            const u64 v = valid[k] ? v0 : p.n_vectors - 1;
-            divmod(v, p.num_kv_heads, jv[k], hv[k]);
+            if (k > 0) step_group.advance(j, h);
+            valid[k] = base + (u64)k * GROUPS + group < p.n_vectors;
+            jv[k] = valid[k] ? j : 0;
+            hv[k] = valid[k] ? h : 0;
             const u8* row = src + (map.src_row(jv[k], hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
             load_bytes<IN_BYTES>(row, raw[k]);
+            u32 sign_mask[IN_WORDS];
+            load_shared_words<IN_WORDS>(s_sign + sub * IN_WORDS, sign_mask);
+#pragma unroll
+            for (int w = 0; w < IN_WORDS; ++w) raw[k][w] ^= sign_mask[w];
         }
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
-            // 1. y = H(D x): signs, butterflies, then inv_sqrt_d.
+            // 1. y = H(D x): (signs applied at load) butterflies, then inv_sqrt_d.
             float x[E];
 #pragma unroll
             for (int i = 0; i < E; ++i) {
@@ -120,7 +197,6 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
                 x[i] = bf16_to_f32(bits16);
 #endif
 #endif
-                x[i] = __fmul_rn(x[i], sg[i]);
             }
             fwht_warp(x, lane);
 #pragma unroll
@@ -153,10 +229,7 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
                 for (int q = 0; q <= LANE_WORDS; ++q) lw[q] = 0;
 #pragma unroll
                 for (int i = 0; i < E; ++i) {
-                    const u32 idx = nearest_index(s_eyt, __fmul_rn(x[i], scale));
-                    const int bp = i * SB;
-                    lw[bp >> 5] |= idx << (bp & 31);
-                    if ((bp & 31) + SB > 32) lw[(bp >> 5) + 1] |= idx >> (32 - (bp & 31));
+                    pack_index(s_tab, __fmul_rn(x[i], scale), p.bucket_scale, p.bucket_offset, lw, i);
                 }
                 store_bytes<LANE_BYTES>(packed + pos * (u64)ROW_BYTES + sub * LANE_BYTES, lw);
             }
@@ -164,23 +237,23 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
             u64* __restrict__ status, const float* __restrict__ signs,
-            const float* __restrict__ eytzinger, const QuantizeParams p) {
+            const uint2* __restrict__ buckets, const QuantizeParams p) {
     const RangeMap map = {p.skip, p.num_kv_heads, p.capacity, p.first_slot};
-    quantize_vectors(src, packed, norms, status, signs, eytzinger, p, map);
+    quantize_vectors(src, packed, norms, status, signs, buckets, p, map);
 }
 
 // One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
 // sequence's position seq_lens[j] (u32 [num_seqs]; ring_flags u32 [num_seqs], nonzero = ring).
 // p.n_vectors = num_seqs * num_kv_heads; p.skip and p.first_slot are unused. The host checks
 // that a global sequence has room (seq_lens[j] < capacity) and advances seq_lens afterwards.
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_quantize_batch(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
                   u64* __restrict__ status, const float* __restrict__ signs,
-                  const float* __restrict__ eytzinger, const u32* __restrict__ seq_lens,
+                  const uint2* __restrict__ buckets, const u32* __restrict__ seq_lens,
                   const u32* __restrict__ ring_flags, const QuantizeParams p) {
     const BatchMap map = {seq_lens, ring_flags, p.num_kv_heads, p.capacity};
-    quantize_vectors(src, packed, norms, status, signs, eytzinger, p, map);
+    quantize_vectors(src, packed, norms, status, signs, buckets, p, map);
 }

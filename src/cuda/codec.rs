@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::buffer::{BufferDType, DeviceBuffer};
 use super::device::CudaDevice;
@@ -17,7 +17,8 @@ use crate::layout::Side;
 
 /// Warps per block of both kernels (`WARPS` in kernels/*.cu).
 const WARPS: u32 = 8;
-/// Resident blocks per SM the grid-stride launch aims for.
+/// Resident blocks per SM assumed when choosing `VPW` (the launch itself asks the occupancy
+/// query).
 const BLOCKS_PER_SM: u32 = 8;
 /// "No non-finite vector seen" in the quantize status word.
 const STATUS_CLEAR: u64 = u64::MAX;
@@ -26,33 +27,80 @@ const STATUS_CLEAR: u64 = u64::MAX;
 #[derive(Debug)]
 struct SideTables {
     centroids: CudaSlice<f32>,
-    /// `[2^bits]` f32: `[0]` unused, `[1..]` the boundaries in Eytzinger (breadth-first) order.
-    eytzinger: CudaSlice<f32>,
+    /// The quantize kernel's index lookup ([`BucketTable::words`]).
+    buckets: CudaSlice<u32>,
+    bucket_scale: f32,
+    bucket_offset: f32,
 }
 
-/// Writes the sorted `sorted[*next..]` into the subtree of node `k` of `eyt` (in-order walk).
-fn fill_eytzinger(sorted: &[f32], next: &mut usize, eyt: &mut [f32], k: usize) {
-    if k < eyt.len() {
-        fill_eytzinger(sorted, next, eyt, 2 * k);
-        eyt[k] = sorted[*next];
-        *next += 1;
-        fill_eytzinger(sorted, next, eyt, 2 * k + 1);
+/// Buckets of the quantize kernel's index lookup (`BUCKETS` in kernels/quantize.cu).
+fn bucket_count(bits: u32) -> usize {
+    4 << bits
+}
+
+/// The quantize kernel's exact index lookup for one codebook: bucket
+/// `c(u) = min(floor(fma(u, scale, offset)) as u32, n - 1)` (monotone in u; negatives and NaN
+/// give 0) holds at most one boundary, so the index (the number of boundaries `< u`) is
+/// `words[2c + 1] + (f32::from_bits(words[2c]) < u)`.
+#[derive(Debug, Clone, PartialEq)]
+struct BucketTable {
+    scale: f32,
+    offset: f32,
+    /// `n` pairs: the bucket's boundary as f32 bits (+inf if none), then the number of
+    /// boundaries in lower buckets.
+    words: Vec<u32>,
+}
+
+impl BucketTable {
+    /// The bucket of `u`, computed as the kernel does (one fused multiply-add, then a floor
+    /// conversion that saturates to `0..=u32::MAX`).
+    fn bucket(&self, u: f32) -> usize {
+        let n = self.words.len() / 2;
+        ((libm::fmaf(u, self.scale, self.offset).floor() as u32) as usize).min(n - 1)
     }
-}
 
-/// The boundaries `2^bits - 1` (a complete tree) in Eytzinger order, 1-indexed.
-fn eytzinger(boundaries: &[f32]) -> Vec<f32> {
-    let mut eyt = vec![0f32; boundaries.len() + 1];
-    fill_eytzinger(boundaries, &mut 0, &mut eyt, 1);
-    eyt
+    /// Buckets `1 ..= n - 2` span the boundaries evenly; 0 and `n - 1` hold none.
+    fn new(cb: &Codebook) -> Result<Self> {
+        let op = "cuda codec: index lookup table";
+        let n = bucket_count(cb.bits);
+        let b = &cb.boundaries;
+        let (Some(&lo), Some(&hi)) = (b.first(), b.last()) else {
+            invalid!("{op}: {}-bit codebook has no boundaries", cb.bits);
+        };
+        let scale = ((n - 3) as f64 / (hi as f64 - lo as f64)) as f32;
+        let offset = (1.5 - lo as f64 * scale as f64) as f32;
+        let mut t = Self {
+            scale,
+            offset,
+            words: vec![0; 2 * n],
+        };
+        let of: Vec<usize> = b.iter().map(|&x| t.bucket(x)).collect();
+        if of[0] == 0 || of[of.len() - 1] >= n - 1 || of.windows(2).any(|w| w[0] >= w[1]) {
+            invalid!(
+                "{op}: {}-bit boundaries do not fall one per bucket in {n} buckets",
+                cb.bits
+            );
+        }
+        let mut next = 0;
+        for c in 0..n {
+            let here = next < b.len() && of[next] == c;
+            t.words[2 * c] = if here { b[next] } else { f32::INFINITY }.to_bits();
+            t.words[2 * c + 1] = next as u32;
+            next += usize::from(here);
+        }
+        Ok(t)
+    }
 }
 
 impl SideTables {
     fn new(stream: &Arc<CudaStream>, cb: &Codebook) -> Result<Self> {
         let up = |e| driver_err("cuda codec: upload tables", e);
+        let t = BucketTable::new(cb)?;
         Ok(Self {
             centroids: stream.clone_htod(&cb.centroids).map_err(up)?,
-            eytzinger: stream.clone_htod(&eytzinger(&cb.boundaries)).map_err(up)?,
+            buckets: stream.clone_htod(&t.words).map_err(up)?,
+            bucket_scale: t.scale,
+            bucket_offset: t.offset,
         })
     }
 }
@@ -216,8 +264,10 @@ impl CudaCodec {
             sqrt_d: self.codec.sqrt_d(),
             inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
             scale_factor: l.scale_factor_d512,
+            bucket_scale: t.bucket_scale,
+            bucket_offset: t.bucket_offset,
         };
-        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         let mut status = self
             .status
             .lock()
@@ -229,7 +279,7 @@ impl CudaCodec {
             .arg(norms.slice_mut())
             .arg(&mut *status)
             .arg(&self.signs)
-            .arg(&t.eytzinger)
+            .arg(&t.buckets)
             .arg(seq_lens)
             .arg(ring_flags)
             .arg(&params);
@@ -239,14 +289,27 @@ impl CudaCodec {
         Ok(())
     }
 
-    fn launch_config(&self, n_vectors: u64, head_dim: usize, vpw: i64) -> LaunchConfig {
+    /// A grid-stride launch of `f`: one wave of the blocks that fit on the device at once (the
+    /// occupancy query), fewer when the work needs fewer.
+    fn launch_config(
+        &self,
+        op: &str,
+        f: &CudaFunction,
+        n_vectors: u64,
+        head_dim: usize,
+        vpw: i64,
+    ) -> Result<LaunchConfig> {
         let per_block = WARPS as u64 * groups(head_dim) * vpw as u64;
-        let cap = (self.device.sm_count() * BLOCKS_PER_SM) as u64;
-        LaunchConfig {
+        let fit = f
+            .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None)
+            .map_err(|e| driver_err(&format!("{op}: occupancy query"), e))?
+            .max(1);
+        let cap = self.device.sm_count() as u64 * fit as u64;
+        Ok(LaunchConfig {
             grid_dim: (n_vectors.div_ceil(per_block).min(cap) as u32, 1, 1),
             block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     /// GPU [`crate::cpu::quantize()`]: `src: [n_tokens, num_kv_heads, head_dim]` (f32, f16 or
@@ -307,8 +370,10 @@ impl CudaCodec {
             sqrt_d: self.codec.sqrt_d(),
             inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
             scale_factor: l.scale_factor_d512,
+            bucket_scale: t.bucket_scale,
+            bucket_offset: t.bucket_offset,
         };
-        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         let mut status = self
             .status
             .lock()
@@ -320,7 +385,7 @@ impl CudaCodec {
             .arg(norms.slice_mut())
             .arg(&mut *status)
             .arg(&self.signs)
-            .arg(&t.eytzinger)
+            .arg(&t.buckets)
             .arg(&params);
         // SAFETY: the argument list matches tq_quantize's signature; the validated plan keeps
         // every read inside src and every write inside packed and norms.
@@ -457,7 +522,7 @@ impl CudaCodec {
             scale_factor: l.scale_factor_d512,
             pad: 0,
         };
-        let cfg = self.launch_config(n_vectors, l.head_dim, vpw);
+        let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         let t = self.tables(side);
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -478,15 +543,6 @@ impl CudaCodec {
 mod tests {
     use super::*;
 
-    /// The kernel's search (`nearest_index` in kernels/quantize.cu), on the host.
-    fn eytzinger_index(eyt: &[f32], u: f32) -> usize {
-        let mut k = 1;
-        while k < eyt.len() {
-            k = 2 * k + usize::from(eyt[k] < u);
-        }
-        k - eyt.len()
-    }
-
     #[test]
     fn lane_layout_covers_every_head_dim_with_whole_warps() {
         for d in [32, 64, 128, 256, 512, 1024] {
@@ -503,19 +559,52 @@ mod tests {
         }
     }
 
+    /// The kernel's index of `u` (`pack_index` in kernels/quantize.cu).
+    fn lookup(t: &BucketTable, u: f32) -> u32 {
+        let c = t.bucket(u);
+        t.words[2 * c + 1] + u32::from(f32::from_bits(t.words[2 * c]) < u)
+    }
+
     #[test]
-    fn eytzinger_search_counts_the_boundaries_below_u_at_every_bit_width() {
+    fn bucket_lookup_counts_the_boundaries_below_u_at_every_bit_width() {
+        let mut rng = 0x5eed_u64;
         for bits in [2, 3, 4, 5, 6, 8] {
             let cb = Codebook::new(bits).unwrap();
-            let eyt = eytzinger(&cb.boundaries);
-            let mut probes: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0];
+            let t = BucketTable::new(&cb).unwrap();
+            assert_eq!(t.words.len(), 2 * bucket_count(bits), "bits {bits}");
+            let mut probes: Vec<f32> = vec![
+                f32::NAN,
+                -f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                f32::MIN,
+                f32::MIN_POSITIVE,
+                -f32::MIN_POSITIVE,
+                1e-45,
+                -1e-45,
+                0.0,
+                -0.0,
+            ];
             for &b in &cb.boundaries {
-                probes.extend([b, b.next_up(), b.next_down()]);
+                probes.extend([b, b.next_up(), b.next_down(), -b]);
             }
-            probes.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.005));
+            // Every bucket edge: the floats where floor(fma(u, scale, offset)) steps.
+            for c in 0..=bucket_count(bits) {
+                let u = ((c as f64 - t.offset as f64) / t.scale as f64) as f32;
+                probes.extend([u, u.next_up(), u.next_down()]);
+            }
+            probes.extend((0..4000).map(|i| (i as f32 - 2000.0) * 0.003));
+            for _ in 0..20000 {
+                let r = crate::rotation::splitmix64(&mut rng);
+                probes.push(f32::from_bits(r as u32 & 0xc0ff_ffff));
+            }
             for u in probes {
-                let want = cb.boundaries.iter().filter(|&&b| b < u).count();
-                assert_eq!(eytzinger_index(&eyt, u), want, "bits {bits} u {u}");
+                assert_eq!(
+                    lookup(&t, u),
+                    u32::from(cb.index_of(u)),
+                    "bits {bits} u {u:e}"
+                );
             }
         }
     }

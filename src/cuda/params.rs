@@ -20,6 +20,9 @@ pub struct QuantizeParams {
     pub inv_sqrt_d: f32,
     /// `scale_factor_d512` (head_dim > 256).
     pub scale_factor: f32,
+    /// Index lookup: the bucket of u is `floor(fma(u, bucket_scale, bucket_offset))`.
+    pub bucket_scale: f32,
+    pub bucket_offset: f32,
 }
 
 /// Parameters of `tq_dequantize` (`struct DequantizeParams` in kernels/dequantize.cu).
@@ -97,7 +100,7 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_size_of_their_cuda_mirrors() {
-        assert_eq!(std::mem::size_of::<QuantizeParams>(), 40);
+        assert_eq!(std::mem::size_of::<QuantizeParams>(), 48);
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
