@@ -183,7 +183,7 @@ static_assert(STAGE_BYTES % 16 == 0, "stage alignment");
 constexpr int PIPE_BYTES = WARPS * STAGES * STAGE_BYTES;
 // Tables. A side whose lookup field is one byte (4-bit pairs, 5/6/8-bit singles) takes, with
 // LUT256, rows of 256 bytes: entry e of lane l at byte e * 256 + l * 4, so its offset is one
-// PRMT of the packed word and lane * 4 (field_off). Such a table leaves the upper 128 bytes of each
+// PRMT of the packed word and lane * 4 (byte_off). Such a table leaves the upper 128 bytes of each
 // row free: there go the V table when both sides have byte fields and different tables (TWO_P8),
 // else the warps' pipelines (HOLES: logical pipeline byte x at row x / 128, byte 128 + x % 128;
 // every stage, chunk group and norm block starts on a multiple of 128, so an address is
@@ -202,7 +202,8 @@ constexpr int TAB_END = REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS) + (V_P8 || SHA
 constexpr int PIPE_OFF = HOLES ? 32 : TAB_END;                  // words: pipeline byte 0
 constexpr int QS_OFF = HOLES ? TAB_END : TAB_END + PIPE_BYTES / 4; // f32 [GQA][D] + amax [8]
 static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128-byte pipeline groups");
-/// Physical byte offset (from the pipeline base) of pipeline byte x < 128 * 32 of a lane term.
+/// Physical byte offset from the pipeline base of logical pipeline byte x (identity without HOLES).
+/// pofs(A + x) = PSC * A + pofs(x) for A a multiple of 128: only per-lane terms go through it.
 __device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
 constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 8;
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
