@@ -27,6 +27,7 @@ use crate::layout::{CacheMode, Side};
 /// (`tqkv bench decode`): `WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]]`, e.g. `4x2x3x1x1` (see
 /// [`DecodeVariant::parse`]).
 pub const VARIANT_ENV: &str = "TQKV_DECODE_VARIANT";
+
 /// Tokens per warp tile (`TILE` in the kernel).
 const TILE: u32 = 16;
 /// Most query heads per kv head the kernel handles (`GQA`: mma rows 0..7).
