@@ -18,19 +18,24 @@
 // Work split inside a block: each warp takes 16-token tiles (tile, tile+WARPS, ...) through its own
 // cp.async pipeline in shared memory (STAGES stages, STAGES-1 tiles of loads in flight; the first
 // ones are issued before the prologue builds the tables and rotates the queries). Scores use
-// tensor-core mma.m16n8k16 (f16 in, f32 accumulate): S[head][token] = Q^[head][dim] * C[dim][token]
-// with the GQA heads on the M rows (rows >= GQA are zero), then PV: O[head][dim] += P'[head][token]
-// * C[token][dim] with P' = p * g_v * pv_scale. Codebook lookups come from a lane-replicated table
-// in shared memory (entry e of lane l at word e*32 + l: conflict-free): for bits <= 4 one lookup
-// decodes a pair of indices (one 2*bits field of the packed stream) into a half2; for 5/6/8 bits
-// one lookup per index. Within an mma the k/n index -> head-dim mapping is a fixed permutation
-// chosen so that each thread reads whole 16/8/4-byte chunks of a packed row (see kdim / vdim).
+// tensor-core mma.m16n8k16 (f16 in, f32 accumulate), P' = p * g_v * pv_scale. Without TRANS:
+// S[head][token] = Q^[head][dim] * C[dim][token] with the GQA heads on the M rows (rows 8..15
+// zero), then O[head][dim] += P'[head][token] * C[token][dim]. With TRANS (transposed, no idle
+// rows, half the mma): S^T[token][head] = C[token][dim] * Q^T[dim][head] (16 tokens on the rows),
+// P'^T moved into the B operand by movmatrix.trans, O^T[dim][head] += C^T[dim][token] *
+// P'^T[token][head] (16 head dims on the rows). Codebook lookups come from a lane-replicated table
+// in shared memory (entry e of lane l at word e*32 + l: conflict-free; with LUT256 byte fields
+// at byte e*256 + l*4, see K_P8): for bits <= 4 one lookup decodes a pair of indices (one 2*bits
+// field of the packed stream) into a half2; for 5/6/8 bits one lookup per index. Within an mma
+// the k/n index -> head-dim mapping is a fixed permutation chosen so that each thread reads whole
+// 16/8/4-byte chunks of a packed row (see kdim / vdim).
 // Requires the packed and norm buffers 16-byte aligned (cudaMalloc'd base pointers).
 //
 // Defines: K_BITS, V_BITS (2,3,4,5,6,8), HEAD_DIM (64..512, power of two), GQA (1..8 query heads
 // per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
 // STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight),
-// MIN_BLOCKS (resident blocks per SM the register allocation must allow).
+// MIN_BLOCKS (resident blocks per SM the register allocation must allow), LUT256 (0/1: byte-field
+// tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
@@ -56,6 +61,12 @@
 #endif
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 1
+#endif
+#ifndef LUT256
+#define LUT256 0
+#endif
+#ifndef TRANS
+#define TRANS 0
 #endif
 
 typedef unsigned char u8;
@@ -138,9 +149,6 @@ struct Side {
 typedef Side<K_BITS> KS;
 typedef Side<V_BITS> VS;
 constexpr bool SHARED_TAB = K_BITS == V_BITS;
-constexpr int TAB_K_OFF = 0;                                        // words
-constexpr int TAB_V_OFF = SHARED_TAB ? 0 : KS::TAB_WORDS;
-constexpr int TAB_WORDS = KS::TAB_WORDS + (SHARED_TAB ? 0 : VS::TAB_WORDS);
 // Per-warp pipeline stage (bytes): each thread's raw bytes of one tile, chunk-interleaved across
 // lanes (chunk k of lane l at (32k + l) * CHUNK: conflict-free), then the tile's norms.
 // cp.async needs 4/8/16-byte chunks; rows whose per-thread slices are not 4-byte aligned (3-bit
@@ -172,9 +180,31 @@ constexpr int ST_V = ST_K + 2 * NB * KNCH * 32 * KCH;           // [4 tokens][NB
 constexpr int ST_N = ST_V + 4 * NB * VNCH * 32 * VCH;           // f32 [2 sides][16 tokens][NB]
 constexpr int STAGE_BYTES = ST_N + 2 * TILE * NB * 4;
 static_assert(STAGE_BYTES % 16 == 0, "stage alignment");
-constexpr int PIPE_OFF = TAB_WORDS;                             // words
-constexpr int PIPE_WORDS = WARPS * STAGES * STAGE_BYTES / 4;
-constexpr int QS_OFF = PIPE_OFF + PIPE_WORDS;                   // f32 [GQA][D] + amax [8]
+constexpr int PIPE_BYTES = WARPS * STAGES * STAGE_BYTES;
+// Tables. A side whose lookup field is one byte (4-bit pairs, 5/6/8-bit singles) takes, with
+// LUT256, rows of 256 bytes: entry e of lane l at byte e * 256 + l * 4, so its offset is one
+// PRMT of the packed word and lane * 4 (byte_off). Such a table leaves the upper 128 bytes of each
+// row free: there go the V table when both sides have byte fields and different tables (TWO_P8),
+// else the warps' pipelines (HOLES: logical pipeline byte x at row x / 128, byte 128 + x % 128;
+// every stage, chunk group and norm block starts on a multiple of 128, so an address is
+// PSC * (multiple of 128) + a per-lane term). Other tables: entry e of lane l at word e * 32 + l.
+constexpr bool K_P8 = LUT256 && KS::FIELD == 8;
+constexpr bool V_P8 = LUT256 && VS::FIELD == 8;
+constexpr bool TWO_P8 = K_P8 && V_P8 && !SHARED_TAB;
+constexpr bool HOLES = (K_P8 || V_P8) && !TWO_P8 && NB == 1;
+constexpr int PSC = HOLES ? 2 : 1;                              // pipeline address scale
+constexpr int P8_ROWS = (K_P8 ? KS::ENTRIES : 0) > (V_P8 ? VS::ENTRIES : 0) ? (K_P8 ? KS::ENTRIES : 0) : (V_P8 ? VS::ENTRIES : 0);
+constexpr int REGION_ROWS = HOLES && PIPE_BYTES / 128 > P8_ROWS ? PIPE_BYTES / 128 : P8_ROWS;
+constexpr int REGION_WORDS = REGION_ROWS * 64;
+constexpr int TAB_K_OFF = K_P8 ? 0 : REGION_WORDS;              // words
+constexpr int TAB_V_OFF = SHARED_TAB ? TAB_K_OFF : V_P8 ? (TWO_P8 ? 32 : 0) : REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS);
+constexpr int TAB_END = REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS) + (V_P8 || SHARED_TAB ? 0 : VS::TAB_WORDS);
+constexpr int PIPE_OFF = HOLES ? 32 : TAB_END;                  // words: pipeline byte 0
+constexpr int QS_OFF = HOLES ? TAB_END : TAB_END + PIPE_BYTES / 4; // f32 [GQA][D] + amax [8]
+static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128-byte pipeline groups");
+/// Physical byte offset from the pipeline base of logical pipeline byte x (identity without HOLES).
+/// pofs(A + x) = PSC * A + pofs(x) for A a multiple of 128: only per-lane terms go through it.
+__device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
 constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 8;
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 constexpr int SMEM_WORDS = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
@@ -289,6 +319,18 @@ __device__ __forceinline__ u32 field_off(const u32 (&w)[NW], u32 lane4) {
     else return ((x << (7 - sh)) & mask) | lane4;
 }
 
+/// LUT256 table offset of byte I of the stream `w`: byte * 256 + lane * 4, one PRMT.
+template <int I, int NW>
+__device__ __forceinline__ u32 byte_off(const u32 (&w)[NW], u32 lane4) {
+    return __byte_perm(w[I / 4], lane4, 0x5504 | ((I % 4) << 4));
+}
+/// Offset of lookup field I of a side (P8: LUT256 layout).
+template <bool P8, int FIELD, int I, int NW>
+__device__ __forceinline__ u32 lut_off(const u32 (&w)[NW], u32 lane4) {
+    if constexpr (P8) return byte_off<I>(w, lane4);
+    else return field_off<FIELD, I>(w, lane4);
+}
+
 __device__ __forceinline__ u32 lds(const u8* base, u32 off) { return *(const u32*)(base + off); }
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -310,12 +352,13 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 
-/// Reads NCH chunks of CH bytes (chunk k at base + (32k + lane) * CH) into little-endian words.
+/// Reads NCH chunks of CH bytes (chunk k of this lane at base + PSC * 32k * CH + h, h = the lane
+/// term pofs(lane * CH)) into little-endian words.
 template <int CH, int NCH, int NW>
-__device__ __forceinline__ void read_chunks(const u8* base, u32 lane, u32 (&w)[NW]) {
+__device__ __forceinline__ void read_chunks(const u8* base, u32 h, u32 (&w)[NW]) {
 #pragma unroll
     for (int k = 0; k < NCH; ++k) {
-        const u8* q = base + (32 * k + lane) * CH;
+        const u8* q = base + PSC * 32 * k * CH + h;
         if constexpr (CH == 16) {
             const U4 v = *(const U4*)q;
             w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
@@ -330,12 +373,20 @@ __device__ __forceinline__ void read_chunks(const u8* base, u32 lane, u32 (&w)[N
 
 // ---------------------------------------------------------------- the split kernel
 
+/// Norms per thread and tile: tokens 2c, 2c+1, 2c+8, 2c+9, or with TRANS g, g+8.
+constexpr int NRM = TRANS ? 2 : 4;
+
 /// Raw bytes of one 16-token tile for this thread (prefetched a tile ahead).
 struct Tile {
     u32 k[2][NB][KS::KWORDS]; // K rows of tokens g, g+8: this thread's dims of each norm block
     u32 v[4][NB][VS::VWORDS]; // V rows of tokens 2c, 2c+1, 2c+8, 2c+9: dims of column g
-    float kn[4][NB];          // K norms of tokens 2c, 2c+1, 2c+8, 2c+9
-    float vn[4][NB];          // V norms of the same tokens
+    float kn[NRM][NB];        // K norms of tokens 2c, 2c+1, 2c+8, 2c+9 (TRANS: g, g+8)
+    float vn[NRM][NB];        // V norms of the same tokens
+};
+
+/// Per-lane pipeline address terms: pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4).
+struct PipeLane {
+    u32 k, v, n;
 };
 
 struct SeqCtx {
@@ -358,7 +409,7 @@ __device__ __forceinline__ u32 slot_of(const SeqCtx& s, u32 pos, u32 pos0, u32 s
 /// tokens g, g+8; V slices of tokens 2c, 2c+1, 2c+8, 2c+9; the 16 tokens' norms (by lanes).
 /// Positions past the end are clamped to the last one (their scores are masked). Tiles wholly
 /// inside the sequence whose slots do not wrap take the fast path: one slot for the tile.
-__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st) {
+__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st, const PipeLane& pl) {
     const u32 slot0 = s.ring ? pos0 % s.cap : pos0;
     const u32 last = s.end - 1;
     const bool fast = pos0 + TILE <= s.end && slot0 + TILE <= s.cap;
@@ -371,7 +422,7 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             for (int b = 0; b < NB; ++b)
 #pragma unroll
                 for (int k = 0; k < KNCH; ++k)
-                    cp_async<KCH>(st + ST_K + (((n * NB + b) * KNCH + k) * 32 + lane) * KCH,
+                    cp_async<KCH>(st + PSC * (ST_K + ((n * NB + b) * KNCH + k) * 32 * KCH) + pl.k,
                                   kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k));
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -379,13 +430,13 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             for (int b = 0; b < NB; ++b)
 #pragma unroll
                 for (int k = 0; k < VNCH; ++k)
-                    cp_async<VCH>(st + ST_V + (((r * NB + b) * VNCH + k) * 32 + lane) * VCH,
+                    cp_async<VCH>(st + PSC * (ST_V + ((r * NB + b) * VNCH + k) * 32 * VCH) + pl.v,
                                   vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
 #pragma unroll
         for (int i0 = 0; i0 < 2 * TILE * NB; i0 += 32) {
             const u32 i = i0 + lane;
             const u32 side = i / (TILE * NB), rem = i % (TILE * NB);
-            cp_async<4>(st + ST_N + i * 4, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem);
+            cp_async<4>(st + PSC * (ST_N + i0 * 4) + pl.n, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem);
         }
         return;
     }
@@ -396,15 +447,15 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         const u8* row = s.kp + (u64)slot_of(s, pos, pos0, slot0) * KS::ROW;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            const u32 dst = st + ST_K + ((n * NB + b) * KNCH * 32 + lane) * KCH;
+            const u32 dst = st + PSC * (ST_K + (n * NB + b) * KNCH * 32 * KCH) + pl.k;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k));
+                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + PSC * k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k));
             } else {
                 u32 w[KS::KWORDS];
                 load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK + c * KS::KBYTES, w);
 #pragma unroll
-                for (int k = 0; k < KNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+                for (int k = 0; k < KNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + PSC * k * 32 * 4), "r"(w[k]) : "memory");
             }
         }
     }
@@ -415,15 +466,15 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            const u32 dst = st + ST_V + ((r * NB + b) * VNCH * 32 + lane) * VCH;
+            const u32 dst = st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH) + pl.v;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k));
+                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + PSC * k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k));
             } else {
                 u32 w[VS::VWORDS];
                 load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK + g * VS::VBYTES, w);
 #pragma unroll
-                for (int k = 0; k < VNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + k * 32 * 4), "r"(w[k]) : "memory");
+                for (int k = 0; k < VNCH; ++k) asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst + PSC * k * 32 * 4), "r"(w[k]) : "memory");
             }
         }
     }
@@ -432,28 +483,29 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         u32 pos = pos0 + t;
         pos = pos < last ? pos : last;
         const float* src = (side ? s.vn : s.kn) + (u64)slot_of(s, pos, pos0, slot0) * NB + b;
+        const u32 dst = st + PSC * (ST_N + (i - lane) * 4) + pl.n;
         if constexpr (ASYNC) {
-            cp_async<4>(st + ST_N + i * 4, src);
+            cp_async<4>(dst, src);
         } else {
-            asm volatile("st.shared.f32 [%0], %1;" ::"r"(st + ST_N + i * 4), "f"(__ldg(src)) : "memory");
+            asm volatile("st.shared.f32 [%0], %1;" ::"r"(dst), "f"(__ldg(src)) : "memory");
         }
     }
 }
 
 /// Copies this thread's part of a landed stage (generic pointer `st`) into registers.
-__device__ __forceinline__ void read_tile(const u8* st, u32 lane, u32 c, Tile& t) {
+__device__ __forceinline__ void read_tile(const u8* st, const PipeLane& pl, u32 g, u32 c, Tile& t) {
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int b = 0; b < NB; ++b) read_chunks<KCH, KNCH>(st + ST_K + (n * NB + b) * KNCH * 32 * KCH, lane, t.k[n][b]);
+        for (int b = 0; b < NB; ++b) read_chunks<KCH, KNCH>(st + PSC * (ST_K + (n * NB + b) * KNCH * 32 * KCH), pl.k, t.k[n][b]);
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + ST_V + (r * NB + b) * VNCH * 32 * VCH, lane, t.v[r][b]);
-    const float* nrm = (const float*)(st + ST_N);
+        for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH), pl.v, t.v[r][b]);
+    const float* nrm = (const float*)(st + PSC * ST_N); // HOLES: NB == 1, the 128 norm bytes in one row
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const u32 tok = 2 * c + (r & 1) + 8 * (r >> 1);
+    for (int r = 0; r < NRM; ++r) {
+        const u32 tok = TRANS ? g + 8 * r : 2 * c + (r & 1) + 8 * (r >> 1);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             t.kn[r][b] = nrm[tok * NB + b];
@@ -466,10 +518,10 @@ __device__ __forceinline__ void read_tile(const u8* st, u32 lane, u32 c, Tile& t
 template <int KBI, int H>
 __device__ __forceinline__ u32 k_pair(const u32 (&w)[KS::KWORDS], const u8* tab, u32 lane4) {
     if constexpr (KS::PAIR) {
-        return lds(tab, field_off<KS::FIELD, 2 * KBI + H>(w, lane4));
+        return lds(tab, lut_off<K_P8, KS::FIELD, 2 * KBI + H>(w, lane4));
     } else {
-        const u32 lo = lds(tab, field_off<8, 4 * KBI + 2 * H>(w, lane4));
-        const u32 hi = lds(tab, field_off<8, 4 * KBI + 2 * H + 1>(w, lane4));
+        const u32 lo = lds(tab, lut_off<K_P8, 8, 4 * KBI + 2 * H>(w, lane4));
+        const u32 hi = lds(tab, lut_off<K_P8, 8, 4 * KBI + 2 * H + 1>(w, lane4));
         return __byte_perm(lo, hi, 0x5410);
     }
 }
@@ -479,12 +531,12 @@ __device__ __forceinline__ u32 k_pair(const u32 (&w)[KS::KWORDS], const u8* tab,
 template <int JP>
 __device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab, u32 lane4, u32& lo, u32& hi) {
     if constexpr (VS::PAIR) {
-        const u32 h = lds(tab, field_off<VS::FIELD, JP>(w, lane4));
+        const u32 h = lds(tab, lut_off<V_P8, VS::FIELD, JP>(w, lane4));
         lo = h;        // dim 2jp in the low half
         hi = h >> 16;  // dim 2jp+1 in the low half
     } else {
-        lo = lds(tab, field_off<8, 2 * JP>(w, lane4));
-        hi = lds(tab, field_off<8, 2 * JP + 1>(w, lane4));
+        lo = lds(tab, lut_off<V_P8, 8, 2 * JP>(w, lane4));
+        hi = lds(tab, lut_off<V_P8, 8, 2 * JP + 1>(w, lane4));
     }
 }
 
@@ -516,6 +568,49 @@ __device__ __forceinline__ void pv_pairs(float (&o)[NTB][2], u32 pa0, u32 pa1, c
         mma_rows8(o[2 * JP + 1][0], o[2 * JP + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], 0x5410),
                   __byte_perm(hi[2], hi[3], 0x5410));
         pv_pairs<JP + 1>(o, pa0, pa1, v0, v1, v2, v3, tab, lane4);
+    }
+}
+
+/// d = a * b + d, m16n8k16, f16 inputs, f32 accumulators, all 16 rows used (TRANS).
+__device__ __forceinline__ void mma_full(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+/// Transpose of an 8x8 f16 matrix held as mma fragments (row lane/4, columns 2(lane%4), +1).
+__device__ __forceinline__ u32 movm_trans(u32 x) {
+    u32 y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+/// TRANS score chunks KBI..: S^T[token][head] += K-centroids (tokens g, g+8 on the rows) x Q^T.
+template <int KBI>
+__device__ __forceinline__ void score_chunks_t(float (&a)[2][4], const u32 (&qa)[KB][2], const u32 (&w0)[KS::KWORDS],
+                                               const u32 (&w1)[KS::KWORDS], const u8* tab, u32 lane4) {
+    if constexpr (KBI < KB) {
+        mma_full(a[KBI & 1], k_pair<KBI, 0>(w0, tab, lane4), k_pair<KBI, 0>(w1, tab, lane4), k_pair<KBI, 1>(w0, tab, lane4),
+                 k_pair<KBI, 1>(w1, tab, lane4), qa[KBI][0], qa[KBI][1]);
+        score_chunks_t<KBI + 1>(a, qa, w0, w1, tab, lane4);
+    }
+}
+
+/// TRANS PV m-tiles JP..: O^T[dim][head] += V-centroids^T (dims (g, 2JP), (g, 2JP+1) on the rows,
+/// tokens 2c, 2c+1 | 2c+8, 2c+9) x P'^T (b0, b1).
+template <int JP>
+__device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b1, const u32 (&v0)[VS::VWORDS],
+                                           const u32 (&v1)[VS::VWORDS], const u32 (&v2)[VS::VWORDS],
+                                           const u32 (&v3)[VS::VWORDS], const u8* tab, u32 lane4) {
+    if constexpr (JP < NTB / 2) {
+        u32 lo[4], hi[4];
+        v_pair<JP>(v0, tab, lane4, lo[0], hi[0]);
+        v_pair<JP>(v1, tab, lane4, lo[1], hi[1]);
+        v_pair<JP>(v2, tab, lane4, lo[2], hi[2]);
+        v_pair<JP>(v3, tab, lane4, lo[3], hi[3]);
+        mma_full(o[JP], __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(hi[0], hi[1], 0x5410),
+                 __byte_perm(lo[2], lo[3], 0x5410), __byte_perm(hi[2], hi[3], 0x5410), b0, b1);
+        pv_pairs_t<JP + 1>(o, b0, b1, v0, v1, v2, v3, tab, lane4);
     }
 }
 
@@ -561,14 +656,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         s.ring = ring;
     }
 
+    const PipeLane pl = {pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4)};
     // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
     {
         const u32 tile0 = t_begin + warp;
         const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
-        const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+        const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
 #pragma unroll
         for (int i = 0; i < STAGES - 1; ++i) {
-            if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + i * STAGE_BYTES);
+            if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + PSC * i * STAGE_BYTES, pl);
             cp_async_commit();
         }
     }
@@ -577,14 +673,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         const float* cbk = (const float*)p.k_codebook;
         for (u32 i = tid; i < KS::TAB_WORDS; i += THREADS) {
             const u32 e = i >> 5;
-            smem[TAB_K_OFF + i] = KS::PAIR ? pack_h2(cbk[e & ((1u << K_BITS) - 1)], cbk[e >> K_BITS])
+            smem[TAB_K_OFF + (K_P8 ? e * 64 + (i & 31) : i)] = KS::PAIR ? pack_h2(cbk[e & ((1u << K_BITS) - 1)], cbk[e >> K_BITS])
                                            : (u32)f32_to_f16(cbk[e]);
         }
         if constexpr (!SHARED_TAB) {
             const float* cbv = (const float*)p.v_codebook;
             for (u32 i = tid; i < VS::TAB_WORDS; i += THREADS) {
                 const u32 e = i >> 5;
-                smem[TAB_V_OFF + i] = VS::PAIR ? pack_h2(cbv[e & ((1u << V_BITS) - 1)], cbv[e >> V_BITS])
+                smem[TAB_V_OFF + (V_P8 ? e * 64 + (i & 31) : i)] = VS::PAIR ? pack_h2(cbv[e & ((1u << V_BITS) - 1)], cbv[e >> V_BITS])
                                                : (u32)f32_to_f16(cbv[e]);
             }
         }
@@ -642,6 +738,127 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const u8* tab_k = (const u8*)(smem + TAB_K_OFF);
     const u8* tab_v = (const u8*)(smem + TAB_V_OFF);
 
+#if TRANS
+    float o[NB][NTB / 2][4]; // PV accumulators: m-tile (b, jp); rows dims (g, 2jp) | (g, 2jp+1), columns heads 2c, 2c+1
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int j = 0; j < NTB / 2; ++j) o[b][j][0] = o[b][j][1] = o[b][j][2] = o[b][j][3] = 0.0f;
+    float m_run[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l_run[2] = {0.0f, 0.0f};
+    float kqh[2]; // kq of heads 2c, 2c+1
+#pragma unroll
+    for (int h = 0; h < 2; ++h) kqh[h] = 2 * c + h < GQA ? p.scale * INV_SQRT_D * amax[2 * c + h] : 0.0f;
+
+    const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
+    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+    const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
+    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
+#pragma unroll 1
+    for (int i = 0; i < n_mine; ++i) {
+        __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
+        const int ia = i + STAGES - 1;
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();
+        Tile cur;
+        read_tile(pipe_g + PSC * (i % STAGES) * STAGE_BYTES, pl, g, c, cur);
+        const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
+
+        // Scores: sc[b][2r + h] for token g + 8r, head 2c + h.
+        float sc[NB][4];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            float a[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            score_chunks_t<0>(a, qa[b], cur.k[0][b], cur.k[1][b], tab_k, lane4);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[b][e] = a[0][e] + a[1][e];
+        }
+        float t[2][2];
+        float mt[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)};
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int b = 0; b < NB; ++b) acc += sc[b][2 * r + h] * cur.kn[r][b];
+                float x = acc * kg * kqh[h];
+                if (softcap > 0.0f) {
+                    const float e = ex2(2.0f * LOG2E * x * inv_cap);
+                    x = softcap * (1.0f - 2.0f / (e + 1.0f));
+                }
+                x *= LOG2E;
+                const u32 pos = pos0 + g + 8 * r;
+                t[r][h] = pos < s.end ? x : -__int_as_float(0x7f800000);
+                mt[h] = fmaxf(mt[h], t[r][h]);
+            }
+        float corr[2], pr[2][2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 4));
+            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 8));
+            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 16));
+            const float m_new = fmaxf(m_run[h], mt[h]);
+            corr[h] = ex2(m_run[h] - m_new);
+            m_run[h] = m_new;
+            pr[0][h] = ex2(t[0][h] - m_new);
+            pr[1][h] = ex2(t[1][h] - m_new);
+            l_run[h] = l_run[h] * corr[h] + (pr[0][h] + pr[1][h]);
+        }
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int j = 0; j < NTB / 2; ++j) {
+                    o[b][j][0] *= corr[0];
+                    o[b][j][1] *= corr[1];
+                    o[b][j][2] *= corr[0];
+                    o[b][j][3] *= corr[1];
+                }
+        }
+        // PV per norm block: P' (token g + 8r, heads 2c, 2c+1) transposed into the B fragments
+        // (tokens 2c, 2c+1 | 2c+8, 2c+9; head g).
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const float w0 = cur.vn[0][b] * vg, w1 = cur.vn[1][b] * vg;
+            const u32 b0 = movm_trans(pack_h2(pr[0][0] * w0, pr[0][1] * w0));
+            const u32 b1 = movm_trans(pack_h2(pr[1][0] * w1, pr[1][1] * w1));
+            pv_pairs_t<0>(o[b], b0, b1, cur.v[0][b], cur.v[1][b], cur.v[2][b], cur.v[3][b], tab_v, lane4);
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 4);
+        l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 8);
+        l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 16);
+    }
+
+    // Merge the warps' states in shared memory (the tables are dead now).
+    __syncthreads();
+    float* sm_o = (float*)smem;                 // [WARPS][GQA][D]
+    float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
+    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const u32 hd = 2 * c + h;
+        if (hd < GQA) {
+            if (g == 0) {
+                sm_m[warp * 8 + hd] = m_run[h];
+                sm_l[warp * 8 + hd] = l_run[h];
+            }
+            float* row = sm_o + (warp * GQA + hd) * D;
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int j = 0; j < NTB / 2; ++j) {
+                    row[vdim(b, g, 2 * j)] = o[b][j][h];
+                    row[vdim(b, g, 2 * j + 1)] = o[b][j][2 + h];
+                }
+        }
+    }
+#else
     float o[NB][NTB][2]; // PV accumulators: n-tile (b, j), columns 2c, 2c+1; row g
 #pragma unroll
     for (int b = 0; b < NB; ++b)
@@ -651,18 +868,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 
     const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
     const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
-    const u32 pipe = smem_addr(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
-    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + warp * STAGES * STAGE_BYTES;
+    const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
+    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
 #pragma unroll 1
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
         const int ia = i + STAGES - 1;
-        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + (ia % STAGES) * STAGE_BYTES);
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
         __syncwarp();
         Tile cur;
-        read_tile(pipe_g + (i % STAGES) * STAGE_BYTES, lane, c, cur);
+        read_tile(pipe_g + PSC * (i % STAGES) * STAGE_BYTES, pl, g, c, cur);
         const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
 
         // Scores: sc[n][j] for tokens 8n + 2c + j, head g.
@@ -743,6 +960,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 row[vdim(b, 2 * c + 1, j)] = o[b][j][1];
             }
     }
+#endif
     __syncthreads();
     for (u32 i = tid; i < GQA * D; i += THREADS) {
         const u32 h = i / D;

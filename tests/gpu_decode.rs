@@ -608,40 +608,58 @@ fn every_decode_kernel_variant_compiles_with_nvrtc_and_fits_shared_memory() {
         println!("skipping: no CUDA device (libnvrtc does not load)");
         return;
     }
-    // The variants the tests above and `tqkv bench decode` launch (STAGES, MIN_BLOCKS as chosen
-    // by src/cuda/decode.rs), plus the batch quantize entry.
-    let variants: &[(i64, i64, i64, i64, i64, i64, i64)] = &[
-        // (k_bits, v_bits, head_dim, gqa, dtype, stages, min_blocks)
-        (4, 4, 128, 1, 0, 2, 3),
-        (4, 4, 128, 4, 0, 2, 3),
-        (4, 4, 128, 8, 0, 2, 3),
-        (4, 4, 128, 4, 2, 2, 3),
-        (4, 4, 64, 4, 0, 2, 3),
-        (4, 4, 256, 4, 0, 2, 1),
-        (4, 4, 512, 4, 0, 2, 1),
-        (8, 8, 128, 4, 0, 4, 2),
-        (8, 8, 128, 4, 2, 4, 2),
-        (4, 2, 128, 4, 0, 2, 3),
-        (4, 2, 128, 4, 1, 2, 3),
-        (4, 2, 128, 4, 2, 2, 3),
-        (3, 3, 128, 4, 0, 2, 3),
-        (3, 2, 64, 4, 0, 2, 3),
-        (2, 2, 128, 4, 0, 2, 3),
+    // The variants the tests above and `tqkv bench decode` launch (WARPS, STAGES, MIN_BLOCKS as
+    // chosen by src/cuda/decode.rs, and the previous 4-warp defaults), plus the batch quantize
+    // entry.
+    let variants: &[[i64; 8]] = &[
+        // [k_bits, v_bits, head_dim, gqa, dtype, warps, stages, min_blocks]
+        [4, 4, 128, 1, 0, 8, 2, 2],
+        [4, 4, 128, 4, 0, 8, 2, 2],
+        [4, 4, 128, 8, 0, 8, 2, 2],
+        [4, 4, 128, 4, 2, 8, 2, 2],
+        [4, 4, 128, 4, 2, 4, 2, 3],
+        [4, 4, 64, 4, 0, 8, 2, 2],
+        [4, 4, 256, 4, 0, 4, 2, 1],
+        [4, 4, 512, 4, 0, 4, 2, 1],
+        [8, 8, 128, 4, 0, 4, 2, 4],
+        [8, 8, 128, 4, 2, 4, 2, 4],
+        [8, 8, 128, 4, 2, 4, 4, 2],
+        [4, 2, 128, 4, 0, 8, 2, 2],
+        [4, 2, 128, 4, 1, 8, 2, 2],
+        [4, 2, 128, 4, 2, 8, 2, 2],
+        [3, 3, 128, 4, 0, 8, 2, 2],
+        [3, 2, 64, 4, 0, 8, 2, 2],
+        [2, 2, 128, 4, 0, 8, 2, 2],
     ];
-    for &(kb, vb, d, gqa, dt, st, mb) in variants {
-        let key = KernelKey {
-            family: Family::Decode,
-            defines: vec![
-                ("K_BITS", kb),
-                ("V_BITS", vb),
-                ("HEAD_DIM", d),
-                ("GQA", gqa),
-                ("DTYPE", dt),
-                ("WARPS", 4),
-                ("STAGES", st),
-                ("MIN_BLOCKS", mb),
-            ],
-        };
+    // Each with the byte-field tables (LUT256) and transposed products (TRANS) off and on; 4/4 and
+    // 8/8 also with one of them.
+    let flags = |kb: i64, vb: i64| -> &'static [(i64, i64)] {
+        if kb == vb && (kb == 4 || kb == 8) {
+            &[(0, 0), (1, 1), (1, 0), (0, 1)]
+        } else {
+            &[(0, 0), (1, 1)]
+        }
+    };
+    let keys = variants
+        .iter()
+        .flat_map(|&[kb, vb, d, gqa, dt, w, st, mb]| {
+            flags(kb, vb).iter().map(move |&(lut, tr)| KernelKey {
+                family: Family::Decode,
+                defines: vec![
+                    ("K_BITS", kb),
+                    ("V_BITS", vb),
+                    ("HEAD_DIM", d),
+                    ("GQA", gqa),
+                    ("DTYPE", dt),
+                    ("WARPS", w),
+                    ("STAGES", st),
+                    ("MIN_BLOCKS", mb),
+                    ("LUT256", lut),
+                    ("TRANS", tr),
+                ],
+            })
+        });
+    for key in keys {
         let text = compile_ptx(&key, "compute_90a")
             .unwrap_or_else(|e| panic!("{e}"))
             .to_src();

@@ -23,8 +23,11 @@ use crate::dtype::DType;
 use crate::error::{invalid, Result, TqError};
 use crate::layout::{CacheMode, Side};
 
-/// Warps per block of `tq_decode_split` (`WARPS`).
-const WARPS: u32 = 4;
+/// Environment variable overriding the kernel variant of every decode launch, for tuning runs
+/// (`tqkv bench decode`): `WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]]`, e.g. `4x2x3x1x1` (see
+/// [`DecodeVariant::parse`]).
+pub const VARIANT_ENV: &str = "TQKV_DECODE_VARIANT";
+
 /// Tokens per warp tile (`TILE` in the kernel).
 const TILE: u32 = 16;
 /// Most query heads per kv head the kernel handles (`GQA`: mma rows 0..7).
@@ -53,9 +56,52 @@ pub struct DecodeKernelInfo {
     pub blocks_per_sm: u32,
     /// Registers per thread of `tq_decode_split`.
     pub registers: u32,
-    /// `STAGES` and `MIN_BLOCKS` of this instance.
+    /// The compile-time variant of this instance.
+    pub variant: DecodeVariant,
+}
+
+/// Compile-time shape of `tq_decode_split` beyond the cache's bits and head_dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeVariant {
+    /// Warps per block (`WARPS`).
+    pub warps: u32,
+    /// Tiles per warp in the shared-memory pipeline (`STAGES`).
     pub stages: u32,
+    /// Resident blocks per SM the register allocation must allow (`MIN_BLOCKS`).
     pub min_blocks: u32,
+    /// Byte-field codebook tables in 256-byte rows, offsets by one PRMT (`LUT256`).
+    pub lut256: bool,
+    /// Transposed tensor-core products: tokens / head dims on the 16 mma rows, query heads on
+    /// the 8 columns (`TRANS`); else query heads on rows 0..7 and rows 8..15 idle.
+    pub trans: bool,
+}
+
+impl DecodeVariant {
+    /// Parses `WxSxM`, `WxSxMxL` or `WxSxMxLxT` (L = LUT256, T = TRANS: 0 or 1, default 0).
+    pub fn parse(s: &str) -> Result<Self> {
+        let f: Vec<Option<u32>> = s.split('x').map(|p| p.trim().parse().ok()).collect();
+        match f.as_slice() {
+            [Some(w), Some(st), Some(m), rest @ ..]
+                if rest.len() <= 2
+                    && (1..=16).contains(w)
+                    && (2..=8).contains(st)
+                    && (1..=16).contains(m)
+                    && rest.iter().all(|l| matches!(l, Some(0 | 1))) =>
+            {
+                Ok(Self {
+                    warps: *w,
+                    stages: *st,
+                    min_blocks: *m,
+                    lut256: rest.first() == Some(&Some(1)),
+                    trans: rest.get(1) == Some(&Some(1)),
+                })
+            }
+            _ => invalid!(
+                "decode attention: variant {s:?} is not WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]] \
+                 (warps 1..=16, stages 2..=8, min_blocks 1..=16, lut256 and trans 0 or 1)"
+            ),
+        }
+    }
 }
 
 /// Kernel instances (by gqa and dtype; bits and head_dim are the cache's) and the f32 workspace
@@ -74,25 +120,41 @@ fn dtype_code(d: DType) -> i64 {
     }
 }
 
-/// `(STAGES, MIN_BLOCKS)`: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
-/// v3): 8/8 deeper pipeline, 2 blocks per SM; otherwise 2 stages, 3 blocks. Head dims above 128
-/// need more registers than 3 blocks allow, so they ask for one.
-fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> (u32, u32) {
-    if head_dim > 128 {
-        (2, 1)
+/// The default variant: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
+/// v4): transposed products everywhere; 8/8 with 4 warps, 2 stages, byte-field tables off
+/// (3 blocks per SM); other bits 8 warps, 2 stages, 2 blocks per SM with byte-field tables.
+/// Head dims above 128 need more registers, so they ask for one block of 4 warps.
+fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
+    let (warps, min_blocks, lut256) = if head_dim > 128 {
+        (4, 1, true)
     } else if k_bits == 8 && v_bits == 8 {
-        (4, 2)
+        (4, 4, false)
     } else {
-        (2, 3)
+        (8, 2, true)
+    };
+    DecodeVariant {
+        warps,
+        stages: 2,
+        min_blocks,
+        lut256,
+        trans: true,
+    }
+}
+
+/// The variant of `VARIANT_ENV` when set, else the default.
+fn chosen_variant(k_bits: u32, v_bits: u32, head_dim: usize) -> Result<DecodeVariant> {
+    match std::env::var(VARIANT_ENV) {
+        Ok(s) if !s.trim().is_empty() => DecodeVariant::parse(&s),
+        _ => Ok(variant(k_bits, v_bits, head_dim)),
     }
 }
 
 /// Splits per (sequence, kv head): the fewest that fill the resident block slots (`slots`) with
 /// at least 85% of the last wave busy, each split keeping at least 2 tiles per warp; else the
 /// count with the fullest last wave.
-pub fn num_splits(pairs: u64, slots: u64, max_tiles: u64) -> u32 {
+pub fn num_splits(pairs: u64, slots: u64, max_tiles: u64, warps: u32) -> u32 {
     let slots = slots.max(1);
-    let s_max = max_tiles.div_ceil(2 * WARPS as u64).max(1);
+    let s_max = max_tiles.div_ceil(2 * warps as u64).max(1);
     let (mut best, mut best_eff) = (1u64, 0.0f64);
     for s in 1..=s_max {
         let t = pairs * s;
@@ -127,7 +189,7 @@ impl BatchCache {
             return Ok(k.clone());
         }
         let l = *self.layout();
-        let (stages, min_blocks) = variant(l.k_bits, l.v_bits, l.head_dim);
+        let v = chosen_variant(l.k_bits, l.v_bits, l.head_dim)?;
         let key = KernelKey {
             family: Family::Decode,
             defines: vec![
@@ -136,9 +198,11 @@ impl BatchCache {
                 ("HEAD_DIM", l.head_dim as i64),
                 ("GQA", gqa as i64),
                 ("DTYPE", dtype_code(dtype)),
-                ("WARPS", WARPS as i64),
-                ("STAGES", stages as i64),
-                ("MIN_BLOCKS", min_blocks as i64),
+                ("WARPS", v.warps as i64),
+                ("STAGES", v.stages as i64),
+                ("MIN_BLOCKS", v.min_blocks as i64),
+                ("LUT256", v.lut256 as i64),
+                ("TRANS", v.trans as i64),
             ],
         };
         let dev = self.codec.device();
@@ -178,7 +242,7 @@ impl BatchCache {
             )
             .map_err(err("set max dynamic shared memory"))?;
         let blocks_per_sm = split
-            .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, smem_bytes as usize, None)
+            .occupancy_max_active_blocks_per_multiprocessor(v.warps * 32, smem_bytes as usize, None)
             .map_err(err("occupancy"))?;
         if blocks_per_sm == 0 {
             return Err(TqError::Cuda(format!(
@@ -195,8 +259,7 @@ impl BatchCache {
                 params_bytes,
                 blocks_per_sm,
                 registers,
-                stages,
-                min_blocks,
+                variant: v,
             },
         };
         kernels.insert((gqa, dtype_code(dtype)), k.clone());
@@ -273,7 +336,12 @@ impl BatchCache {
             .unwrap_or(0);
         let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
         let slots = self.codec.device().sm_count() as u64 * info.blocks_per_sm as u64;
-        num_splits(pairs, slots, longest.div_ceil(TILE as u64).max(1))
+        num_splits(
+            pairs,
+            slots,
+            longest.div_ceil(TILE as u64).max(1),
+            info.variant.warps,
+        )
     }
 
     /// Decode attention of one query per sequence: `q: [num_seqs, num_heads, head_dim]` (f32, f16
@@ -389,7 +457,7 @@ impl BatchCache {
         };
         let split_cfg = LaunchConfig {
             grid_dim: (splits, l.num_kv_heads as u32, self.num_seqs as u32),
-            block_dim: (WARPS * 32, 1, 1),
+            block_dim: (k.info.variant.warps * 32, 1, 1),
             shared_mem_bytes: k.info.smem_bytes,
         };
         let merge_cfg = LaunchConfig {
@@ -425,22 +493,52 @@ mod tests {
         // gives 45 / 6 / 3 splits at batch 1 / 8 / 32; 2 blocks per SM (8/8) 30 / 4 / 1.
         let tiles = 65536 / 16;
         for (blocks, want) in [(3, [45, 6, 3]), (2, [30, 4, 1])] {
-            let got = [1, 8, 32].map(|b| num_splits(b * 8, 132 * blocks, tiles));
+            let got = [1, 8, 32].map(|b| num_splits(b * 8, 132 * blocks, tiles, 4));
             assert_eq!(got, want, "{blocks} blocks per SM");
         }
     }
 
     #[test]
     fn splits_keep_two_tiles_per_warp() {
-        assert_eq!(num_splits(8, 396, 1), 1);
-        assert!(num_splits(1, 396, 40) as u64 <= 40u64.div_ceil(2 * WARPS as u64));
+        assert_eq!(num_splits(8, 396, 1, 4), 1);
+        assert!(num_splits(1, 396, 40, 4) as u64 <= 40u64.div_ceil(2 * 4));
     }
 
     #[test]
     fn variants_are_the_measured_best_at_head_dim_128() {
-        assert_eq!(variant(8, 8, 128), (4, 2));
-        assert_eq!(variant(4, 4, 128), (2, 3));
-        assert_eq!(variant(4, 2, 64), (2, 3));
-        assert_eq!(variant(4, 4, 256), (2, 1));
+        let sm = |v: DecodeVariant| (v.warps, v.stages, v.min_blocks, v.lut256, v.trans);
+        assert_eq!(sm(variant(8, 8, 128)), (4, 2, 4, false, true));
+        assert_eq!(sm(variant(4, 4, 128)), (8, 2, 2, true, true));
+        assert_eq!(sm(variant(4, 2, 64)), (8, 2, 2, true, true));
+        assert_eq!(sm(variant(4, 4, 256)), (4, 2, 1, true, true));
+    }
+
+    #[test]
+    fn variant_strings_parse_or_name_the_bad_value() {
+        let v = DecodeVariant::parse("4x2x3x1").expect("valid");
+        assert_eq!(
+            (v.warps, v.stages, v.min_blocks, v.lut256, v.trans),
+            (4, 2, 3, true, false)
+        );
+        let v = DecodeVariant::parse("8x4x2x0x1").expect("valid");
+        assert_eq!(
+            (v.warps, v.stages, v.min_blocks, v.lut256, v.trans),
+            (8, 4, 2, false, true)
+        );
+        for bad in [
+            "",
+            "4x2",
+            "4x1x3",
+            "4x2x3x2",
+            "0x2x3",
+            "4x2x3x1x1x1",
+            "axbxc",
+        ] {
+            let e = DecodeVariant::parse(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("variant") && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
     }
 }

@@ -433,6 +433,8 @@ struct DecodeRow {
     us: f64,
     bytes: usize,
     splits: u32,
+    /// Kernel variant `WxSxMxL` and registers per thread.
+    variant: String,
 }
 
 fn decode(a: &DecodeArgs) -> Result<()> {
@@ -493,6 +495,18 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 let mut out = DeviceBuffer::zeros(&s, BufferDType::Float(DType::Bf16), n)?;
                 let cfg = AttentionConfig::new(a.head_dim);
                 let splits = cache.decode_splits(a.heads, DType::Bf16, &cfg)?;
+                let info = cache.decode_kernel_info(a.heads, DType::Bf16)?;
+                let v = info.variant;
+                let variant = format!(
+                    "{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
+                    v.warps,
+                    v.stages,
+                    v.min_blocks,
+                    v.lut256 as u8,
+                    v.trans as u8,
+                    info.registers,
+                    info.blocks_per_sm
+                );
                 let us = time_flushed(&s, reps, &mut flush, || {
                     cache.attention(&q, a.heads, &cfg, &mut out)
                 })?;
@@ -509,24 +523,28 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                     us,
                     bytes: batch * context * (l.bytes_per_token()),
                     splits,
+                    variant,
                 });
             }
         }
     }
-    println!("| batch | context | bits | µs | GB/s (compressed bytes read) | % of copy | splits |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| batch | context | bits | µs | GB/s (compressed bytes read) | % of copy | splits | variant |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     rows.sort_by_key(|r| (r.batch, r.context, std::cmp::Reverse(r.bits)));
     for r in &rows {
         let gbs = r.bytes as f64 / (r.us * 1e-6) / 1e9;
         println!(
-            "| {} | {} | {}/{} | {:.1} | {gbs:.0} | {:.0}% | {} |",
+            "| {} | {} | {}/{} | {:.1} | {gbs:.0} | {:.0}% | {} | {} |",
             r.batch,
             r.context,
             r.bits.0,
             r.bits.1,
             r.us,
             100.0 * gbs / copy,
-            r.splits
+            r.splits,
+            r.variant
         );
     }
     if let Some(path) = &a.json {
@@ -535,7 +553,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "batch": r.batch, "context": r.context, "k_bits": r.bits.0, "v_bits": r.bits.1,
-                    "us": r.us, "bytes": r.bytes, "splits": r.splits,
+                    "us": r.us, "bytes": r.bytes, "splits": r.splits, "variant": r.variant,
                 })
             })
             .collect();

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Decode-kernel variant sweep on the GPU machine, from a gpu-bundle (scripts/gpu-bundle.sh):
+#   bash gpu-bundle/bench/decode_sweep.sh
+# 1. tests/gpu_decode (TQ_REQUIRE_GPU=1) under each TEST_VARIANTS entry, the other GPU tests once;
+# 2. the PyTorch SDPA baseline (decode_vs_torch.py --sdpa-only);
+# 3. `tqkv bench decode` under each RUNS entry "VARIANT:BITS" (VARIANT goes to
+#    TQKV_DECODE_VARIANT, `default` = the built-in rule of src/cuda/decode.rs);
+# 4. ncu of tq_decode_split for each NCU entry "VARIANT:BITS" at batch 32, context 16384;
+# 5. one table: µs, speed-up over the best SDPA backend and % of the copy bandwidth per variant.
+# Logs and JSON under $OUT (all.log, ncu.log, json.tar).
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+b="$here/.."
+OUT=${OUT:-./out-sweep}
+mkdir -p "$OUT/json"
+. "$b/env.sh"
+export TQ_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
+BATCHES=${BATCHES:-1,8,32}
+CONTEXTS=${CONTEXTS:-4096,16384,65536}
+REPS=${REPS:-30}
+log="$OUT/all.log"
+variant_env() { [ "$1" = default ] && echo "" || echo "$1"; }
+
+for v in ${TEST_VARIANTS:-default}; do
+    echo "== gpu_decode, variant $v" | tee -a "$log"
+    TQKV_DECODE_VARIANT=$(variant_env "$v") "$b/tests/gpu_decode" --test-threads=8 --show-output \
+        >"$OUT/t.log" 2>&1
+    rc=$?
+    cat "$OUT/t.log" >>"$log"
+    echo "exit $rc: $(grep '^test result' "$OUT/t.log")" | tee -a "$log"
+    grep -E "FAILED|panicked" "$OUT/t.log" | head -5
+    rm -f "$OUT/t.log"
+done
+for t in "$b"/tests/*; do
+    [ "$(basename "$t")" = gpu_decode ] && continue
+    echo "== $(basename "$t")" | tee -a "$log"
+    "$t" --test-threads=8 >>"$log" 2>&1
+    echo "exit $?" | tee -a "$log"
+done
+
+echo "== SDPA baseline" | tee -a "$log"
+python3 "$here/decode_vs_torch.py" --bench --sdpa-only --json "$OUT/json/sdpa.json" --reps "$REPS" \
+    --batches "$BATCHES" --contexts "$CONTEXTS" --out "$OUT" >>"$log" 2>&1 || echo "baseline failed"
+
+for run in ${RUNS:-default:8/8,4/4,4/2}; do
+    v=${run%%:*}
+    bits=${run#*:}
+    echo "== tqkv bench decode, variant $v, bits $bits" | tee -a "$log"
+    SECONDS=0
+    TQKV_DECODE_VARIANT=$(variant_env "$v") "$b/tqkv" bench decode --json "$OUT/json/tq_$v.${bits//[\/,]/_}.json" \
+        --reps "$REPS" --batches "$BATCHES" --contexts "$CONTEXTS" --bits "$bits" >>"$log" 2>&1 ||
+        echo "bench failed" | tee -a "$log"
+    echo "($SECONDS s)"
+done
+
+for run in ${NCU:-}; do
+    v=${run%%:*}
+    bits=${run#*:}
+    echo "== ncu, variant $v, bits $bits" >>"$OUT/ncu.log"
+    TQKV_DECODE_VARIANT=$(variant_env "$v") timeout 120 ncu --clock-control none -k regex:tq_decode_split \
+        --launch-skip 3 --launch-count 1 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section SchedulerStats --section LaunchStats \
+        "$b/tqkv" bench decode --reps 20 --batches 32 --contexts 16384 --bits "$bits" >>"$OUT/ncu.log" 2>&1
+    grep -E "^== ncu|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|No Eligible|Issued Warp|Active Warps Per|Block Limit" "$OUT/ncu.log" | tail -14
+done
+
+python3 - "$OUT/json" <<'PY'
+import glob, json, os, sys
+d = sys.argv[1]
+sd = json.load(open(os.path.join(d, "sdpa.json")))
+base = {(r["batch"], r["context"]): r["us"] for r in sd["rows"]}
+print(f"baseline {sd['device']}: copy {sd['copy_gbs']:.0f} GB/s")
+cells = {}
+variants = []
+for f in sorted(glob.glob(os.path.join(d, "tq_*.json"))):
+    tq = json.load(open(f))
+    v = os.path.basename(f)[3:].split(".")[0]
+    if v not in variants:
+        variants.append(v)
+    for r in tq["rows"]:
+        us = r["us"]
+        pct = 100 * r["bytes"] / (us * 1e-6) / 1e9 / tq["copy_gbs"]
+        cells[(f"{r['k_bits']}/{r['v_bits']}", r["batch"], r["context"], v)] = (us, pct, r.get("variant", ""))
+print("| bits | batch | context | sdpa µs | " + " | ".join(variants) + " |")
+for key in sorted({k[:3] for k in cells}, key=lambda k: (k[0], k[1], k[2])):
+    b = base.get(key[1:])
+    row = []
+    for v in variants:
+        c = cells.get(key + (v,))
+        row.append(f"{c[0]:.1f} {b / c[0]:.2f}x {c[1]:.0f}%" if c and b else "")
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {b:.1f} | " + " | ".join(row) + " |")
+for v in variants:
+    regs = sorted({c[2] for k, c in cells.items() if k[3] == v})
+    print(f"{v}: {regs}")
+PY
+tar -C "$OUT" -cf "$OUT/json.tar" json && rm -rf "$OUT/json"
