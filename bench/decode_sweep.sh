@@ -3,8 +3,8 @@
 #   bash gpu-bundle/bench/decode_sweep.sh
 # 1. tests/gpu_decode (TQ_REQUIRE_GPU=1) under each TEST_VARIANTS entry, the other GPU tests once;
 # 2. the PyTorch SDPA baseline (decode_vs_torch.py --sdpa-only);
-# 3. `tqkv bench decode` under each RUNS entry "VARIANT:BITS" (VARIANT goes to
-#    TQKV_DECODE_VARIANT, `default` = the built-in rule of src/cuda/decode.rs);
+# 3. `tqkv bench decode` under each RUNS entry "VARIANT:BITS" (VARIANT goes to `--variant`;
+#    the tests take it from TQ_DECODE_VARIANT; `default` = the built-in rule of src/cuda/decode.rs);
 # 4. ncu of tq_decode_split for each NCU entry "VARIANT:BITS" at batch 32, context 16384;
 # 5. one table: µs, speed-up over the best SDPA backend and % of the copy bandwidth per variant.
 # Logs and JSON under $OUT (all.log, ncu.log, json.tar).
@@ -20,10 +20,11 @@ CONTEXTS=${CONTEXTS:-4096,16384,65536}
 REPS=${REPS:-30}
 log="$OUT/all.log"
 variant_env() { [ "$1" = default ] && echo "" || echo "$1"; }
+variant_arg() { [ "$1" = default ] || echo "--variant $1"; }
 
 for v in ${TEST_VARIANTS:-default}; do
     echo "== gpu_decode, variant $v" | tee -a "$log"
-    TQKV_DECODE_VARIANT=$(variant_env "$v") "$b/tests/gpu_decode" --test-threads=8 --show-output \
+    TQ_DECODE_VARIANT=$(variant_env "$v") "$b/tests/gpu_decode" --test-threads=8 --show-output \
         >"$OUT/t.log" 2>&1
     rc=$?
     cat "$OUT/t.log" >>"$log"
@@ -47,7 +48,8 @@ for run in ${RUNS:-default:8/8,4/4,4/2}; do
     bits=${run#*:}
     echo "== tqkv bench decode, variant $v, bits $bits" | tee -a "$log"
     SECONDS=0
-    TQKV_DECODE_VARIANT=$(variant_env "$v") "$b/tqkv" bench decode --json "$OUT/json/tq_$v.${bits//[\/,]/_}.json" \
+    # shellcheck disable=SC2046
+    "$b/tqkv" bench decode $(variant_arg "$v") --json "$OUT/json/tq_$v.${bits//[\/,]/_}.json" \
         --reps "$REPS" --batches "$BATCHES" --contexts "$CONTEXTS" --bits "$bits" >>"$log" 2>&1 ||
         echo "bench failed" | tee -a "$log"
     echo "($SECONDS s)"
@@ -57,10 +59,11 @@ for run in ${NCU:-}; do
     v=${run%%:*}
     bits=${run#*:}
     echo "== ncu, variant $v, bits $bits" >>"$OUT/ncu.log"
-    TQKV_DECODE_VARIANT=$(variant_env "$v") timeout 120 ncu --clock-control none -k regex:tq_decode_split \
+    # shellcheck disable=SC2046
+    timeout 120 ncu --clock-control none -k regex:tq_decode_split \
         --launch-skip 3 --launch-count 1 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section LaunchStats \
-        "$b/tqkv" bench decode --reps 20 --batches 32 --contexts 16384 --bits "$bits" >>"$OUT/ncu.log" 2>&1
+        "$b/tqkv" bench decode $(variant_arg "$v") --reps 20 --batches 32 --contexts 16384 --bits "$bits" >>"$OUT/ncu.log" 2>&1
     grep -E "^== ncu|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|No Eligible|Issued Warp|Active Warps Per|Block Limit" "$OUT/ncu.log" | tail -14
 done
 

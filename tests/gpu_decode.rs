@@ -10,7 +10,8 @@ use common::Gauss;
 use half::{bf16, f16};
 use tqkv::cpu::{attention, AttentionConfig};
 use tqkv::cuda::{
-    compile_ptx, BatchCache, CudaDevice, DecodeParams, DeviceBuffer, Family, KernelKey,
+    compile_ptx, BatchCache, CudaDevice, DecodeParams, DecodeVariant, DeviceBuffer, Family,
+    KernelKey,
 };
 use tqkv::{CacheLayout, CacheMode, DType, KvCache, Side, Src};
 
@@ -37,6 +38,19 @@ fn device() -> Option<Arc<CudaDevice>> {
             None
         }
     }
+}
+
+/// Every batch cache of this file is built here. The test harness variable
+/// `TQ_DECODE_VARIANT=WxSxMxLxT` runs the tests under another kernel variant (tuning runs:
+/// bench/decode_sweep.sh).
+fn batch_cache(dev: Arc<CudaDevice>, l: CacheLayout, num_seqs: usize) -> tqkv::Result<BatchCache> {
+    let mut b = BatchCache::new(dev, l, num_seqs)?;
+    if let Ok(v) = std::env::var("TQ_DECODE_VARIANT") {
+        if !v.trim().is_empty() {
+            b.set_decode_variant(Some(DecodeVariant::parse(&v)?))?;
+        }
+    }
+    Ok(b)
 }
 
 /// Every CPU reference cache of this file is built here.
@@ -180,7 +194,7 @@ fn run_case(dev: &Arc<CudaDevice>, c: &Case) -> (f64, f64) {
     let l = layout(c.kv, c.d, c.cap, c.bits.0, c.bits.1);
     let heads = c.kv * c.gqa;
     let s_n = c.seqs.len();
-    let mut batch = BatchCache::new(dev.clone(), l, s_n).expect("batch cache");
+    let mut batch = batch_cache(dev.clone(), l, s_n).expect("batch cache");
     let cpu: Vec<KvCache> = c
         .seqs
         .iter()
@@ -382,7 +396,7 @@ fn decode_of_all_empty_sequences_is_exact_zeros() {
 #[test]
 fn decode_params_mirror_has_the_kernels_size() {
     let Some(dev) = device() else { return };
-    let batch = BatchCache::new(dev, layout(2, 128, 64, 4, 4), 1).expect("batch cache");
+    let batch = batch_cache(dev, layout(2, 128, 64, 4, 4), 1).expect("batch cache");
     for (heads, dtype) in [(8, DType::Bf16), (2, DType::F32)] {
         let info = batch.decode_kernel_info(heads, dtype).expect("kernel");
         assert_eq!(
@@ -409,7 +423,7 @@ fn assert_append_matches_cpu(dev: &Arc<CudaDevice>, l: CacheLayout, dtype: DType
         (cap, r),
         (2 * cap + 3, r),
     ];
-    let mut batch = BatchCache::new(dev.clone(), l, seqs.len()).expect("batch cache");
+    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
     let mut cpu: Vec<KvCache> = seqs
         .iter()
         .enumerate()
@@ -463,7 +477,7 @@ fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
         (63, CacheMode::Ring),
         (0, CacheMode::Global),
     ];
-    let mut batch = BatchCache::new(dev.clone(), l, seqs.len()).expect("batch cache");
+    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
     let mut cpu: Vec<KvCache> = seqs
         .iter()
         .enumerate()
@@ -516,7 +530,7 @@ fn bad_arguments_are_errors_naming_the_op_and_values() {
     let Some(dev) = device() else { return };
     let msg = |r: tqkv::Result<()>| r.expect_err("must fail").to_string();
     let l = layout(2, 128, 4, 4, 4);
-    let mut batch = BatchCache::new(dev.clone(), l, 2).expect("batch cache");
+    let mut batch = batch_cache(dev.clone(), l, 2).expect("batch cache");
     let s = batch.codec().stream().clone();
     let f32_buf = |n: usize| DeviceBuffer::from_f32(&s, &vec![0.5f32; n]).expect("alloc");
     let q = f32_buf(2 * 8 * 128);
@@ -549,7 +563,7 @@ fn bad_arguments_are_errors_naming_the_op_and_values() {
     let e = msg(batch.attention(&packed, 8, &cfg, &mut out));
     assert!(e.contains("q holds U8"), "{e}");
 
-    let small = BatchCache::new(dev.clone(), layout(2, 32, 4, 4, 4), 1).expect("batch cache");
+    let small = batch_cache(dev.clone(), layout(2, 32, 4, 4, 4), 1).expect("batch cache");
     let e = msg(small.attention(
         &f32_buf(2 * 32),
         2,
@@ -697,7 +711,7 @@ fn copy_sequence_places_device_planes_like_upload() {
     let Some(dev) = device() else { return };
     let l = layout(2, 64, 32, 4, 8);
     let c = filled_cache(l, CacheMode::Ring, 40, 3);
-    let mut batch = BatchCache::new(dev, l, 3).expect("batch cache");
+    let mut batch = batch_cache(dev, l, 3).expect("batch cache");
     let s = batch.codec().stream().clone();
     let up8 = |v: &[u8]| DeviceBuffer::from_u8(&s, v).expect("upload");
     let up32 = |v: &[f32]| DeviceBuffer::from_f32(&s, v).expect("upload");

@@ -23,11 +23,6 @@ use crate::dtype::DType;
 use crate::error::{invalid, Result, TqError};
 use crate::layout::{CacheMode, Side};
 
-/// Environment variable overriding the kernel variant of every decode launch, for tuning runs
-/// (`tqkv bench decode`): `WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]]`, e.g. `4x2x3x1x1` (see
-/// [`DecodeVariant::parse`]).
-pub const VARIANT_ENV: &str = "TQKV_DECODE_VARIANT";
-
 /// Tokens per warp tile (`TILE` in the kernel).
 const TILE: u32 = 16;
 /// Most query heads per kv head the kernel handles (`GQA`: mma rows 0..7).
@@ -110,6 +105,8 @@ impl DecodeVariant {
 pub(super) struct DecodeState {
     kernels: Mutex<HashMap<(usize, i64), DecodeKernel>>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
+    variant: Option<DecodeVariant>,
 }
 
 fn dtype_code(d: DType) -> i64 {
@@ -141,14 +138,6 @@ fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
     }
 }
 
-/// The variant of `VARIANT_ENV` when set, else the default.
-fn chosen_variant(k_bits: u32, v_bits: u32, head_dim: usize) -> Result<DecodeVariant> {
-    match std::env::var(VARIANT_ENV) {
-        Ok(s) if !s.trim().is_empty() => DecodeVariant::parse(&s),
-        _ => Ok(variant(k_bits, v_bits, head_dim)),
-    }
-}
-
 /// Splits per (sequence, kv head): the fewest that fill the resident block slots (`slots`) with
 /// at least 85% of the last wave busy, each split keeping at least 2 tiles per warp; else the
 /// count with the fullest last wave.
@@ -177,6 +166,18 @@ fn float_dtype(op: &str, what: &str, buf: &DeviceBuffer) -> Result<DType> {
 }
 
 impl BatchCache {
+    /// Chooses the decode kernel variant (`None`: the default rule, the best measured on the
+    /// H100); for tuning runs (`tqkv bench decode --variant`). Takes effect at the next launch.
+    pub fn set_decode_variant(&mut self, variant: Option<DecodeVariant>) -> Result<()> {
+        self.decode.variant = variant;
+        self.decode
+            .kernels
+            .lock()
+            .map_err(|_| TqError::Cuda("decode attention: lock poisoned".into()))?
+            .clear();
+        Ok(())
+    }
+
     /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
     /// compiled and loaded on first use.
     fn decode_kernel(&self, gqa: usize, dtype: DType) -> Result<DecodeKernel> {
@@ -189,7 +190,10 @@ impl BatchCache {
             return Ok(k.clone());
         }
         let l = *self.layout();
-        let v = chosen_variant(l.k_bits, l.v_bits, l.head_dim)?;
+        let v = self
+            .decode
+            .variant
+            .unwrap_or_else(|| variant(l.k_bits, l.v_bits, l.head_dim));
         let key = KernelKey {
             family: Family::Decode,
             defines: vec![

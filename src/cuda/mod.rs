@@ -25,7 +25,6 @@ pub use buffer::{BufferDType, DeviceBuffer};
 pub use codec::CudaCodec;
 pub use decode::{
     num_splits, DecodeKernelInfo, DecodeVariant, HEAD_DIM_RANGE as DECODE_HEAD_DIM_RANGE, MAX_GQA,
-    VARIANT_ENV as DECODE_VARIANT_ENV,
 };
 pub use device::CudaDevice;
 pub use params::{DecodeParams, DequantizeParams, QuantizeParams};

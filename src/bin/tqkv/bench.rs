@@ -9,7 +9,8 @@ use cudarc::driver::sys::CUevent_flags;
 use half::f16;
 use tqkv::cpu::AttentionConfig;
 use tqkv::cuda::{
-    BatchCache, BufferDType, CudaCodec, CudaDevice, CudaStream, DeviceBuffer, SeqPlanes,
+    BatchCache, BufferDType, CudaCodec, CudaDevice, CudaStream, DecodeVariant, DeviceBuffer,
+    SeqPlanes,
 };
 use tqkv::{cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, Result, Side, Src, TqError};
 
@@ -54,6 +55,14 @@ struct DecodeArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Kernel variant WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]] (e.g. 8x2x2x1x1) instead of the
+    /// default rule, for tuning.
+    #[arg(long, value_parser = parse_variant)]
+    variant: Option<DecodeVariant>,
+}
+
+fn parse_variant(s: &str) -> std::result::Result<DecodeVariant, String> {
+    DecodeVariant::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -477,6 +486,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             let planes = prompt_planes(&dev, l)?;
             for &batch in &a.batches {
                 let mut cache = BatchCache::new(dev.clone(), l, batch)?;
+                cache.set_decode_variant(a.variant)?;
                 let sp = SeqPlanes {
                     k_packed: &planes[0],
                     k_norms: &planes[1],
