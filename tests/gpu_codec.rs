@@ -3,29 +3,12 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use common::{Gauss, BITS};
+use common::{device, require_gpu, Gauss, BITS};
 use half::{bf16, f16};
 use tqkv::cuda::{compile_ptx, CudaCodec, CudaDevice, DeviceBuffer, Family, KernelKey};
 use tqkv::{cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, Side, Src};
-
-fn require_gpu() -> bool {
-    std::env::var("TQ_REQUIRE_GPU").as_deref() == Ok("1")
-}
-
-/// The shared device of this test binary, or `None` (after printing the skip notice).
-fn device() -> Option<Arc<CudaDevice>> {
-    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
-    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
-        Ok(d) => Some(d.clone()),
-        Err(e) if require_gpu() => panic!("TQ_REQUIRE_GPU=1 but no CUDA device: {e}"),
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 fn layout(heads: usize, d: usize, cap: usize, kb: u32, vb: u32, mode: CacheMode) -> CacheLayout {
     CacheLayout::new(heads, d, cap, kb, vb)

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use common::Gauss;
+use common::{device, require_gpu, Gauss};
 use half::{bf16, f16};
 use tqkv::cpu::{attention, AttentionConfig};
 use tqkv::cuda::{
@@ -22,23 +22,6 @@ const TOL: f64 = 2e-3;
 /// Per (sequence, head) the same rounding reaches ~5e-3 (NOTES-decode.md); this bound only
 /// catches a wrong head or sequence.
 const TOL_HEAD: f64 = 1.5e-2;
-
-fn require_gpu() -> bool {
-    std::env::var("TQ_REQUIRE_GPU").as_deref() == Ok("1")
-}
-
-/// The shared device of this test binary, or `None` (after printing the skip notice).
-fn device() -> Option<Arc<CudaDevice>> {
-    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
-    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
-        Ok(d) => Some(d.clone()),
-        Err(e) if require_gpu() => panic!("TQ_REQUIRE_GPU=1 but no CUDA device: {e}"),
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// Every batch cache of this file is built here. The test harness variable
 /// `TQ_DECODE_VARIANT=WxSxMxLxT` runs the tests under another kernel variant (tuning runs:

@@ -66,6 +66,20 @@ impl AttentionConfig {
     pub fn with_softcap(self, softcap: f32) -> Self {
         Self { softcap, ..self }
     }
+
+    /// Checks that `scale` is finite and `softcap` finite and ≥ 0; `op` names the caller.
+    pub fn check(&self, op: &str) -> Result<()> {
+        if !self.scale.is_finite() {
+            invalid!("{op}: scale must be finite, got {}", self.scale);
+        }
+        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
+            invalid!(
+                "{op}: softcap must be finite and > 0 (or 0 = off), got {}",
+                self.softcap
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Which CPU kernels [`attention_with`] uses.
@@ -151,15 +165,7 @@ pub fn plan_attention(
              head_dim ({d})"
         );
     }
-    if !cfg.scale.is_finite() {
-        invalid!("{op}: scale must be finite, got {}", cfg.scale);
-    }
-    if !(cfg.softcap.is_finite() && cfg.softcap >= 0.0) {
-        invalid!(
-            "{op}: softcap must be finite and > 0 (or 0 = off), got {}",
-            cfg.softcap
-        );
-    }
+    cfg.check(op)?;
     let n_q = q_len / (num_heads * d);
     let (len, first) = (cache.len(), cache.first());
     if n_q > len {

@@ -380,15 +380,7 @@ impl BatchCache {
                 );
             }
         }
-        if !cfg.scale.is_finite() {
-            invalid!("{op}: scale must be finite, got {}", cfg.scale);
-        }
-        if !(cfg.softcap.is_finite() && cfg.softcap >= 0.0) {
-            invalid!(
-                "{op}: softcap must be finite and > 0 (or 0 = off), got {}",
-                cfg.softcap
-            );
-        }
+        cfg.check(op)?;
         if self.num_seqs == 0 {
             return Ok(());
         }

@@ -1,7 +1,29 @@
 //! Deterministic inputs for tests.
 #![allow(dead_code)]
 
+use std::sync::{Arc, OnceLock};
+
+use tqkv::cuda::CudaDevice;
 use tqkv::rotation::splitmix64;
+
+/// True under `TQ_REQUIRE_GPU=1`: GPU tests then fail instead of skipping without a GPU.
+pub fn require_gpu() -> bool {
+    std::env::var("TQ_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+/// The shared device of this test binary, or `None` after printing `skipping: no CUDA device`
+/// (a panic under `TQ_REQUIRE_GPU=1`).
+pub fn device() -> Option<Arc<CudaDevice>> {
+    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
+        Ok(d) => Some(d.clone()),
+        Err(e) if require_gpu() => panic!("TQ_REQUIRE_GPU=1 but no CUDA device: {e}"),
+        Err(e) => {
+            println!("skipping: no CUDA device ({e})");
+            None
+        }
+    }
+}
 
 /// Deterministic N(0, 1) samples (Box-Muller over splitmix64).
 pub struct Gauss(u64);
