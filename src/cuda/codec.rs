@@ -199,6 +199,30 @@ impl CudaCodec {
         &self.stream
     }
 
+    /// The quantize kernels' parameters for one side (both entries share the struct).
+    fn quantize_params(
+        &self,
+        side: Side,
+        n_vectors: u64,
+        skip: u64,
+        first_slot: u32,
+    ) -> QuantizeParams {
+        let l = self.codec.layout();
+        let t = self.tables(side);
+        QuantizeParams {
+            n_vectors,
+            skip,
+            num_kv_heads: l.num_kv_heads as u32,
+            capacity: l.capacity as u32,
+            first_slot,
+            sqrt_d: self.codec.sqrt_d(),
+            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
+            scale_factor: l.scale_factor_d512,
+            bucket_scale: t.bucket_scale,
+            bucket_offset: t.bucket_offset,
+        }
+    }
+
     fn tables(&self, side: Side) -> &SideTables {
         match side {
             Side::Keys => &self.keys,
@@ -255,18 +279,7 @@ impl CudaCodec {
             .registry()
             .function(self.device.context(), &key)?;
         let t = self.tables(side);
-        let params = QuantizeParams {
-            n_vectors,
-            skip: 0,
-            num_kv_heads: l.num_kv_heads as u32,
-            capacity: l.capacity as u32,
-            first_slot: 0,
-            sqrt_d: self.codec.sqrt_d(),
-            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
-            scale_factor: l.scale_factor_d512,
-            bucket_scale: t.bucket_scale,
-            bucket_offset: t.bucket_offset,
-        };
+        let params = self.quantize_params(side, n_vectors, 0, 0);
         let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         let mut status = self
             .status
@@ -361,18 +374,12 @@ impl CudaCodec {
             .registry()
             .function(self.device.context(), &key)?;
         let t = self.tables(side);
-        let params = QuantizeParams {
+        let params = self.quantize_params(
+            side,
             n_vectors,
-            skip: plan.skip as u64,
-            num_kv_heads: l.num_kv_heads as u32,
-            capacity: l.capacity as u32,
-            first_slot: l.slot(plan.first_pos) as u32,
-            sqrt_d: self.codec.sqrt_d(),
-            inv_sqrt_d: self.codec.rotation().inv_sqrt_d(),
-            scale_factor: l.scale_factor_d512,
-            bucket_scale: t.bucket_scale,
-            bucket_offset: t.bucket_offset,
-        };
+            plan.skip as u64,
+            l.slot(plan.first_pos) as u32,
+        );
         let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         let mut status = self
             .status
