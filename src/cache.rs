@@ -37,7 +37,7 @@ use half::{bf16, f16};
 use crate::codec::{Codec, Domain};
 use crate::cpu;
 use crate::dtype::{DType, Dst, Src};
-use crate::error::{invalid, Result};
+use crate::error::{invalid, try_alloc, Result};
 use crate::layout::{CacheLayout, CacheMode, Side};
 use crate::options::CacheOptions;
 
@@ -107,11 +107,12 @@ impl KvCache {
         let sinks = options.sinks.min(l.capacity);
         let window = options.window.min(l.capacity);
         let mean_len = if options.center_keys { h * d } else { 0 };
+        let what = "kv cache";
         let mut cache = Self {
-            k_packed: vec![0; l.packed_len(Side::Keys)],
-            k_norms: vec![0.0; l.norms_len()],
-            v_packed: vec![0; l.packed_len(Side::Values)],
-            v_norms: vec![0.0; l.norms_len()],
+            k_packed: try_alloc(l.packed_len(Side::Keys), 0, what)?,
+            k_norms: try_alloc(l.norms_len(), 0.0, what)?,
+            v_packed: try_alloc(l.packed_len(Side::Values), 0, what)?,
+            v_norms: try_alloc(l.norms_len(), 0.0, what)?,
             codec,
             len: 0,
             first: 0,
@@ -121,10 +122,10 @@ impl KvCache {
             mean_set: false,
             key_mean: vec![0.0; mean_len],
             key_mean_rot: vec![0.0; mean_len],
-            k_sinks: vec![0; h * sinks * d],
-            v_sinks: vec![0; h * sinks * d],
-            k_window: vec![0; h * window * d],
-            v_window: vec![0; h * window * d],
+            k_sinks: try_alloc(h * sinks * d, 0, what)?,
+            v_sinks: try_alloc(h * sinks * d, 0, what)?,
+            k_window: try_alloc(h * window * d, 0, what)?,
+            v_window: try_alloc(h * window * d, 0, what)?,
             options,
         };
         if let Some(mu) = cache.options.key_mean.clone() {

@@ -103,7 +103,16 @@ impl Codec {
             return Ok(None);
         }
         let l = &self.layout;
-        let need = n_tokens * l.num_kv_heads * l.head_dim;
+        let Some(need) = n_tokens
+            .checked_mul(l.num_kv_heads)
+            .and_then(|x| x.checked_mul(l.head_dim))
+        else {
+            invalid!(
+                "{op}: n_tokens ({n_tokens}) × num_kv_heads ({}) × head_dim ({}) overflows",
+                l.num_kv_heads,
+                l.head_dim
+            );
+        };
         if src_len != need {
             invalid!(
                 "{op}: src has {src_len} elements, need {need} (n_tokens={n_tokens} × \

@@ -31,3 +31,17 @@ macro_rules! invalid {
     };
 }
 pub(crate) use invalid;
+
+/// A vector of `n` copies of `fill`, or an error naming `what` and the byte count when the
+/// allocation fails (instead of aborting the process).
+pub fn try_alloc<T: Clone>(n: usize, fill: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        return Err(TqError::InvalidArgument(format!(
+            "{what}: cannot allocate {} bytes",
+            n.saturating_mul(std::mem::size_of::<T>())
+        )));
+    }
+    v.resize(n, fill);
+    Ok(v)
+}

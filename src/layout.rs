@@ -112,10 +112,13 @@ impl CacheLayout {
                 self.capacity
             );
         }
-        let total = (self.num_kv_heads as u128) * (self.capacity as u128) * (d as u128);
+        // Bounds every size derived from the layout (planes, exact copies of up to 2·capacity
+        // tokens, f32 scratch) with room to spare: 16 · heads · capacity · (head_dim + 8) bytes.
+        let total = 16 * (self.num_kv_heads as u128) * (self.capacity as u128) * (d as u128 + 8);
         if total > isize::MAX as u128 {
             invalid!(
-                "cache layout: num_kv_heads ({}) × capacity ({}) × head_dim ({d}) overflows",
+                "cache layout: num_kv_heads ({}) × capacity ({}) × head_dim ({d}) is too large \
+                 to address",
                 self.num_kv_heads,
                 self.capacity
             );

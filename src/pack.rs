@@ -43,7 +43,8 @@ pub fn pack_row(bits: u32, idx: &[u8], row: &mut [u8]) {
     }
 }
 
-/// Unpacks `row` into `idx` (`idx.len()` indices), the inverse of [`pack_row`].
+/// Unpacks `row` into `idx` (`idx.len()` indices), the inverse of [`pack_row`]; every index is
+/// below `2^bits` whatever the bytes hold.
 #[inline]
 pub fn unpack_row(bits: u32, row: &[u8], idx: &mut [u8]) {
     match bits {
@@ -69,6 +70,14 @@ pub fn unpack_row(bits: u32, row: &[u8], idx: &mut [u8]) {
                 q[1] = b >> 4;
             }
         }
-        _ => idx.copy_from_slice(&row[..idx.len()]),
+        8 => idx.copy_from_slice(&row[..idx.len()]),
+        _ => {
+            // 5 and 6 bits: the high bits of a byte are not part of the index (readers ignore
+            // them, so a corrupt byte still indexes inside the codebook).
+            let mask = ((1u32 << bits) - 1) as u8;
+            for (i, &b) in idx.iter_mut().zip(row) {
+                *i = b & mask;
+            }
+        }
     }
 }

@@ -382,6 +382,10 @@ fn bad_arguments_are_rejected() {
         "num_heads (0) is not a positive multiple"
     ));
     assert!(is_invalid(
+        call(&q, 3 << 60, cfg, q.len()),
+        "num_heads (3458764513820540928) × head_dim (64) overflows"
+    ));
+    assert!(is_invalid(
         call(&q[..100], 6, cfg, 100),
         "q has 100 elements, not a multiple of num_heads (6) × head_dim (64)"
     ));

@@ -483,3 +483,10 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cache_too_large_for_memory_is_an_error_not_an_abort() {
+    let l = CacheLayout::new(1 << 16, 128, u32::MAX as usize, 8, 8).unwrap();
+    let e = KvCache::new(l).unwrap_err().to_string();
+    assert!(e.contains("kv cache: cannot allocate"), "{e}");
+}

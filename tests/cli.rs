@@ -922,3 +922,22 @@ fn help_works_for_every_subcommand() {
         );
     }
 }
+
+#[test]
+fn zero_sizes_in_bench_codec_are_an_error() {
+    let dir = tempdir();
+    for (flag, name) in [
+        ("--tokens", "tokens"),
+        ("--heads", "heads"),
+        ("--head-dim", "head-dim"),
+    ] {
+        assert_error(
+            &tqkv(dir.path(), &["bench", "codec", "--cpu", flag, "0"]),
+            &format!("bench codec: --{name} must be > 0"),
+        );
+    }
+    assert_error(
+        &tqkv(dir.path(), &["bench", "codec", "--cpu", "--reps", "0"]),
+        "--reps (0) must be at least 1",
+    );
+}

@@ -618,3 +618,58 @@ proptest! {
         prop_assert!(err / norm2 < 32.0 * d_b, "relative error {} vs D_b {}", err / norm2, d_b);
     }
 }
+
+#[test]
+fn token_counts_whose_element_count_overflows_are_an_error() {
+    let layout = CacheLayout::new(1, 32, 4, 8, 8)
+        .unwrap()
+        .with_mode(CacheMode::Ring);
+    let c = Codec::new(layout).unwrap();
+    let (mut p, mut n) = (vec![0u8; layout.packed_len(Side::Keys)], vec![0f32; 4]);
+    let e = err_of(cpu::quantize(
+        &c,
+        Side::Keys,
+        Src::F32(&[0.5; 32]),
+        (1 << 59) + 1,
+        0,
+        &mut p,
+        &mut n,
+    ));
+    assert!(
+        e.contains("quantize: n_tokens (576460752303423489)") && e.contains("overflows"),
+        "{e}"
+    );
+}
+
+#[test]
+fn byte_rows_ignore_the_high_bits_of_corrupt_bytes() {
+    for bits in [5, 6] {
+        let layout = CacheLayout::new(1, 32, 1, bits, bits).unwrap();
+        let c = Codec::new(layout).unwrap();
+        let dq = |byte: u8| {
+            let mut out = vec![f32::NAN; 32];
+            cpu::dequantize_pos(
+                &c,
+                Side::Keys,
+                &[byte; 32],
+                &[1.0],
+                0,
+                Domain::Rotated,
+                Dst::F32(&mut out),
+            )
+            .unwrap();
+            out
+        };
+        let mask = ((1u32 << bits) - 1) as u8;
+        assert_eq!(dq(0xFF), dq(mask), "{bits}-bit");
+        assert!(dq(0xFF).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn layouts_too_large_to_address_are_rejected() {
+    let e = CacheLayout::new(1 << 29, 32, (1 << 29) - 1, 8, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too large"), "{e}");
+}

@@ -159,14 +159,17 @@ pub fn plan_attention(
     if num_heads == 0 || !num_heads.is_multiple_of(kv) {
         invalid!("{op}: num_heads ({num_heads}) is not a positive multiple of num_kv_heads ({kv})");
     }
-    if !q_len.is_multiple_of(num_heads * d) {
+    let Some(per_query) = num_heads.checked_mul(d) else {
+        invalid!("{op}: num_heads ({num_heads}) × head_dim ({d}) overflows");
+    };
+    if !q_len.is_multiple_of(per_query) {
         invalid!(
             "{op}: q has {q_len} elements, not a multiple of num_heads ({num_heads}) × \
              head_dim ({d})"
         );
     }
     cfg.check(op)?;
-    let n_q = q_len / (num_heads * d);
+    let n_q = q_len / per_query;
     let (len, first) = (cache.len(), cache.first());
     if n_q > len {
         invalid!("{op}: n_q ({n_q}) > len ({len}): every query must sit at a cached position");

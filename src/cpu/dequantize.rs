@@ -12,7 +12,7 @@ use crate::pack::unpack_row;
 /// Dequantizes one packed `row` with its `norms` into `out` (`head_dim` values).
 /// `idx` is scratch of `head_dim` bytes.
 #[inline]
-pub fn dequantize_vector(
+pub(crate) fn dequantize_vector(
     codec: &Codec,
     side: Side,
     row: &[u8],

@@ -23,7 +23,7 @@ use crate::rotation::sum_squares_pairwise;
 
 /// A vector whose norm is not finite (NaN or ±inf in the input, or squares that overflow f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NonFinite;
+pub(crate) struct NonFinite;
 
 /// Index of the nearest centroid by branch-free binary search over the boundaries
 /// (ties to the lower index; identical to counting boundaries `< u`).
@@ -138,7 +138,7 @@ fn indices(boundaries: &[f32], y: &[f32], scale: f32, idx: &mut [u8]) {
 /// Quantizes one vector held in `y` (input x, overwritten by its rotation) into `row` and
 /// `norms` (`norms_per_pos` entries). `idx` is scratch of `head_dim` bytes.
 #[inline]
-pub fn quantize_vector(
+pub(crate) fn quantize_vector(
     codec: &Codec,
     cb: &Codebook,
     y: &mut [f32],

@@ -122,8 +122,35 @@ struct Row {
     append_us: f64,
 }
 
+/// Rejects zero sizes and too few repetitions (`op` names the benchmark).
+fn check_sizes(op: &str, sizes: &[(&str, usize)], reps: usize, min_reps: usize) -> Result<()> {
+    for &(name, v) in sizes {
+        if v == 0 {
+            return Err(TqError::InvalidArgument(format!(
+                "{op}: --{name} must be > 0"
+            )));
+        }
+    }
+    if reps < min_reps {
+        return Err(TqError::InvalidArgument(format!(
+            "{op}: --reps ({reps}) must be at least {min_reps}"
+        )));
+    }
+    Ok(())
+}
+
 fn codec(a: &CodecArgs) -> Result<()> {
-    let reps = a.reps.max(1);
+    check_sizes(
+        "bench codec",
+        &[
+            ("tokens", a.tokens),
+            ("heads", a.heads),
+            ("head-dim", a.head_dim),
+        ],
+        a.reps,
+        1,
+    )?;
+    let reps = a.reps;
     if !a.cpu && CudaDevice::is_available() {
         let dev = CudaDevice::new(0)?;
         println!(
@@ -452,7 +479,15 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             "bench decode: no CUDA device (this benchmark has no CPU fallback)".into(),
         ));
     }
-    let reps = a.reps.max(20);
+    let mut sizes = vec![
+        ("heads", a.heads),
+        ("kv-heads", a.kv_heads),
+        ("head-dim", a.head_dim),
+    ];
+    sizes.extend(a.batches.iter().map(|&b| ("batches", b)));
+    sizes.extend(a.contexts.iter().map(|&c| ("contexts", c)));
+    check_sizes("bench decode", &sizes, a.reps, 20)?;
+    let reps = a.reps;
     let bits = a
         .bits
         .iter()

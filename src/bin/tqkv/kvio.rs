@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use tqkv::codebook::SUPPORTED_BITS;
+use tqkv::error::try_alloc;
 use tqkv::io::KvTensor;
 use tqkv::{cpu, CacheLayout, Codec, Domain, Dst, Preset, Result, Side, Src, TqError};
 
@@ -83,8 +84,8 @@ pub fn roundtrip(t: &KvTensor, side: Side, layout: CacheLayout) -> Result<Vec<f3
     }
     t.check_finite()?;
     let codec = Codec::new(layout).map_err(context(&t.name))?;
-    let mut packed = vec![0u8; layout.packed_len(side)];
-    let mut norms = vec![0f32; layout.norms_len()];
+    let mut packed = try_alloc(layout.packed_len(side), 0u8, &t.name)?;
+    let mut norms = try_alloc(layout.norms_len(), 0f32, &t.name)?;
     cpu::quantize(
         &codec,
         side,
