@@ -336,6 +336,7 @@ pub fn evaluate(
 ) -> Result<Vec<(String, Vec<Acc>)>> {
     layers
         .par_iter()
+        .filter(|layer| layer.k.tokens > 0)
         .filter_map(|layer| layer.q.as_ref().map(|q| (layer, q)))
         .map(|(layer, q)| {
             let n = layer.k.tokens;

@@ -43,6 +43,8 @@ pub fn parse_bits_pair(s: &str) -> std::result::Result<Bits, String> {
 
 /// Prefixes an error message with `what` (a tensor or file name).
 pub fn context(what: &str) -> impl Fn(TqError) -> TqError + '_ {
+    // Unprefixed tensors (`k`, `v`) form a layer with an empty name.
+    let what = if what.is_empty() { "input" } else { what };
     move |e| match e {
         TqError::InvalidArgument(m) => TqError::InvalidArgument(format!("{what}: {m}")),
         TqError::Format(m) => TqError::Format(format!("{what}: {m}")),
