@@ -199,6 +199,33 @@ impl CudaCodec {
         &self.stream
     }
 
+    /// The compiled quantize entry of `family` (`Quantize` or `QuantizeBatch`) for one side,
+    /// input dtype and vectors per lane group, with its registry key.
+    fn quantize_function(
+        &self,
+        family: Family,
+        side: Side,
+        in_dtype: DType,
+        vpw: i64,
+    ) -> Result<(KernelKey, CudaFunction)> {
+        let l = self.codec.layout();
+        let key = KernelKey {
+            family,
+            defines: vec![
+                ("HEAD_DIM", l.head_dim as i64),
+                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                ("BITS", l.bits(side) as i64),
+                ("IN_DTYPE", dtype_code(in_dtype)),
+                ("VPW", vpw),
+            ],
+        };
+        let f = self
+            .device
+            .registry()
+            .function(self.device.context(), &key)?;
+        Ok((key, f))
+    }
+
     /// The quantize kernels' parameters for one side (both entries share the struct).
     fn quantize_params(
         &self,
@@ -264,20 +291,7 @@ impl CudaCodec {
             return Ok(());
         }
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
-        let key = KernelKey {
-            family: Family::QuantizeBatch,
-            defines: vec![
-                ("HEAD_DIM", l.head_dim as i64),
-                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
-                ("BITS", l.bits(side) as i64),
-                ("IN_DTYPE", dtype_code(in_dtype)),
-                ("VPW", vpw),
-            ],
-        };
-        let f = self
-            .device
-            .registry()
-            .function(self.device.context(), &key)?;
+        let (key, f) = self.quantize_function(Family::QuantizeBatch, side, in_dtype, vpw)?;
         let t = self.tables(side);
         let params = self.quantize_params(side, n_vectors, 0, 0);
         let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
@@ -359,20 +373,7 @@ impl CudaCodec {
         let l = self.codec.layout();
         let n_vectors = plan.n_write as u64 * l.num_kv_heads as u64;
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
-        let key = KernelKey {
-            family: Family::Quantize,
-            defines: vec![
-                ("HEAD_DIM", l.head_dim as i64),
-                ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
-                ("BITS", l.bits(side) as i64),
-                ("IN_DTYPE", dtype_code(in_dtype)),
-                ("VPW", vpw),
-            ],
-        };
-        let f = self
-            .device
-            .registry()
-            .function(self.device.context(), &key)?;
+        let (key, f) = self.quantize_function(Family::Quantize, side, in_dtype, vpw)?;
         let t = self.tables(side);
         let params = self.quantize_params(
             side,

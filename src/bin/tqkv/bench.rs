@@ -96,6 +96,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// Appends per timed batch of the decode-step measurement.
 const APPENDS: usize = 32;
 
+/// A CUDA event for timing.
+fn new_event(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<tqkv::cuda::CudaEvent> {
+    ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|e| TqError::Cuda(format!("bench: event: {e}")))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -232,12 +238,7 @@ fn time_gpu(
     const BATCH: usize = 4;
     let ctx = stream.context();
     let ev = |e| TqError::Cuda(format!("bench: event: {e}"));
-    let start = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(ev)?;
-    let end = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(ev)?;
+    let (start, end) = (new_event(ctx)?, new_event(ctx)?);
     for i in 0..3 {
         f(i)?;
     }
@@ -644,12 +645,7 @@ fn time_flushed(
 ) -> Result<f64> {
     let ctx = stream.context();
     let ev = |e| TqError::Cuda(format!("bench: event: {e}"));
-    let start = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(ev)?;
-    let end = ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(ev)?;
+    let (start, end) = (new_event(ctx)?, new_event(ctx)?);
     for _ in 0..3 {
         f()?;
     }
