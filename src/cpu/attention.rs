@@ -15,7 +15,9 @@
 //! 4-bit rows by permutes over the 16 centroids, each byte's low then high nibble, so a group
 //! of coordinates comes out as `[evens, odds]` (the query is reordered to match once, the
 //! accumulator back once); 2- and 3-bit rows by per-lane variable shifts, in natural order;
-//! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512) or gathers (AVX2).
+//! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512); with AVX2, 5- and
+//! 6-bit rows by permutes over 8-entry slices merged by blends on the index's higher bits,
+//! 8-bit rows by scalar table loads into a buffer.
 //! [`attention_reference`] dequantizes the cache to the original domain and runs dense
 //! attention in f64; tests compare the two.
 //!
@@ -719,8 +721,10 @@ mod avx2 {
                     2 => score_small::<2>(p, q, row, norms),
                     3 => score_small::<3>(p, q, row, norms),
                     4 => score4(p, q, row, norms),
+                    5 => score_bytes::<5>(p, q, row, norms),
+                    6 => score_bytes::<6>(p, q, row, norms),
                     _ => {
-                        decode_bytes(p, row, buf);
+                        decode_scalar(p, row, buf);
                         dot(q, buf, norms)
                     }
                 }
@@ -743,8 +747,10 @@ mod avx2 {
                     2 => accumulate_small::<2>(p, acc, w, row, norms),
                     3 => accumulate_small::<3>(p, acc, w, row, norms),
                     4 => accumulate4(p, acc, w, row, norms),
+                    5 => accumulate_bytes::<5>(p, acc, w, row, norms),
+                    6 => accumulate_bytes::<6>(p, acc, w, row, norms),
                     _ => {
-                        decode_bytes(p, row, buf);
+                        decode_scalar(p, row, buf);
                         axpy(acc, w, buf, norms)
                     }
                 }
@@ -921,17 +927,110 @@ mod avx2 {
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
-    /// `out[j] = table[row[j]]` for rows of one byte per index (5, 6, 8 bits).
+    /// The 32 table entries [`lookup_bytes`] reads as 8-float registers: the centroids of a
+    /// 5-bit plane, the lower half of a 6-bit one.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn decode_bytes(p: &Plane<'_>, row: &[u8], out: &mut [f32]) {
+    fn table32(p: &Plane<'_>) -> [__m256; 4] {
+        // SAFETY: `p.table` has 256 entries; the loads read the first 32.
+        std::array::from_fn(|k| unsafe { _mm256_loadu_ps(p.table.as_ptr().add(8 * k)) })
+    }
+
+    /// Centroids of 8 one-byte indices (`c[0..8]`, 5 or 6 bits; higher bits ignored): a
+    /// permute per 8-entry slice of 32 entries, merged by blends on index bits 3 and 4 (moved
+    /// to the sign bit). 6 bits use the codebook's symmetry, `C[63 - j] = -C[j]`: upper
+    /// indices read the lower half at `idx ^ 63` and flip the sign.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup_bytes<const B: u32>(c: &[u8], t: &[__m256; 4]) -> __m256 {
+        debug_assert!(c.len() >= 8);
+        // SAFETY: `c` has 8 bytes.
+        let i = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(c.as_ptr().cast()) });
+        // Bit 5 in the sign bit; all ones where it is set.
+        let top = _mm256_slli_epi32::<26>(i);
+        let upper = _mm256_srai_epi32::<31>(top);
+        let j = if B == 5 {
+            i
+        } else {
+            _mm256_xor_si256(i, upper)
+        };
+        let sel = |s: __m256i| _mm256_castsi256_ps(s);
+        let (b3, b4) = (
+            sel(_mm256_slli_epi32::<28>(j)),
+            sel(_mm256_slli_epi32::<27>(j)),
+        );
+        let pair = |k: usize| {
+            let lo = _mm256_permutevar8x32_ps(t[k], j);
+            _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(t[k + 1], j), b3)
+        };
+        let v = _mm256_blendv_ps(pair(0), pair(2), b4);
+        if B == 5 {
+            return v;
+        }
+        let sign = _mm256_and_si256(top, _mm256_set1_epi32(i32::MIN));
+        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), sign))
+    }
+
+    /// `out[j] = table[row[j]]` for 8-bit rows, by scalar loads (faster here than gathers or
+    /// a tree of 16 permutes).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn decode_scalar(p: &Plane<'_>, row: &[u8], out: &mut [f32]) {
         let t = &p.table;
-        for (c, o) in row.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
-            // SAFETY: `c` has 8 bytes, `o` 8 floats; indices are u8 and `t` has 256 entries,
-            // so every gathered address is inside `t`.
-            unsafe {
-                let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
-                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_i32gather_ps::<4>(t.as_ptr(), i));
+        for (c, o) in row.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            o[0] = t[c[0] as usize];
+            o[1] = t[c[1] as usize];
+            o[2] = t[c[2] as usize];
+            o[3] = t[c[3] as usize];
+        }
+    }
+
+    /// [`Kernels::score`] for 5- and 6-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn score_bytes<const B: u32>(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let t = table32(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(32)) {
+                for (k, a) in a.iter_mut().enumerate() {
+                    let v = lookup_bytes::<B>(&c[8 * k..], &t);
+                    // SAFETY: `qc` has 32 floats.
+                    let qv = unsafe { _mm256_loadu_ps(qc.as_ptr().add(8 * k)) };
+                    *a = _mm256_fmadd_ps(qv, v, *a);
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 5- and 6-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate_bytes<const B: u32>(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+    ) {
+        let t = table32(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, rb) = (&mut acc[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(8).zip(rb.chunks_exact(8)) {
+                let v = lookup_bytes::<B>(c, &t);
+                // SAFETY: `ac` has 8 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
+                }
             }
         }
     }
@@ -947,7 +1046,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
+    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
         let bl = q.len().min(256);
         let mut s = 0.0;
         for (b, &n) in norms.iter().enumerate() {
@@ -971,7 +1070,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
+    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
         let bl = acc.len().min(256);
         for (b, &n) in norms.iter().enumerate() {
             let (ab, xb) = (&mut acc[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
