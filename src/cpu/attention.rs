@@ -17,7 +17,7 @@
 //! accumulator back once); 2- and 3-bit rows by per-lane variable shifts, in natural order;
 //! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512); with AVX2, 5- and
 //! 6-bit rows by permutes over 8-entry slices merged by blends on the index's higher bits,
-//! 8-bit rows by scalar table loads into a buffer.
+//! 8-bit rows by scalar table loads.
 //! [`attention_reference`] dequantizes the cache to the original domain and runs dense
 //! attention in f64; tests compare the two.
 //!
@@ -713,7 +713,7 @@ mod avx2 {
             row: &[u8],
             norms: &[f32],
             _idx: &mut [u8],
-            buf: &mut [f32],
+            _buf: &mut [f32],
         ) -> f32 {
             // SAFETY: only instantiated inside `attend_avx2`, reached after detection.
             unsafe {
@@ -723,10 +723,7 @@ mod avx2 {
                     4 => score4(p, q, row, norms),
                     5 => score_bytes::<5>(p, q, row, norms),
                     6 => score_bytes::<6>(p, q, row, norms),
-                    _ => {
-                        decode_scalar(p, row, buf);
-                        dot(q, buf, norms)
-                    }
+                    _ => score8(p, q, row, norms),
                 }
             }
         }
@@ -739,7 +736,7 @@ mod avx2 {
             row: &[u8],
             norms: &[f32],
             _idx: &mut [u8],
-            buf: &mut [f32],
+            _buf: &mut [f32],
         ) {
             // SAFETY: as above.
             unsafe {
@@ -749,10 +746,7 @@ mod avx2 {
                     4 => accumulate4(p, acc, w, row, norms),
                     5 => accumulate_bytes::<5>(p, acc, w, row, norms),
                     6 => accumulate_bytes::<6>(p, acc, w, row, norms),
-                    _ => {
-                        decode_scalar(p, row, buf);
-                        axpy(acc, w, buf, norms)
-                    }
+                    _ => accumulate8(p, acc, w, row, norms),
                 }
             }
         }
@@ -971,17 +965,54 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), sign))
     }
 
-    /// `out[j] = table[row[j]]` for 8-bit rows, by scalar loads (faster here than gathers or
-    /// a tree of 16 permutes).
+    /// Centroids of 8 one-byte indices (`c[0..8]`, 8 bits) by scalar table loads (faster here
+    /// than a gather or a tree of 16 permutes over the symmetric half).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn decode_scalar(p: &Plane<'_>, row: &[u8], out: &mut [f32]) {
-        let t = &p.table;
-        for (c, o) in row.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-            o[0] = t[c[0] as usize];
-            o[1] = t[c[1] as usize];
-            o[2] = t[c[2] as usize];
-            o[3] = t[c[3] as usize];
+    fn lookup8(c: &[u8], t: &[f32; 256]) -> __m256 {
+        let at = |k: usize| t[c[k] as usize];
+        _mm256_setr_ps(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7))
+    }
+
+    /// [`Kernels::score`] for 8-bit rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn score8(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(32)) {
+                for (k, a) in a.iter_mut().enumerate() {
+                    let v = lookup8(&c[8 * k..8 * k + 8], &p.table);
+                    // SAFETY: `qc` has 32 floats.
+                    let qv = unsafe { _mm256_loadu_ps(qc.as_ptr().add(8 * k)) };
+                    *a = _mm256_fmadd_ps(qv, v, *a);
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 8-bit rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate8(p: &Plane<'_>, acc: &mut [f32], w: f32, row: &[u8], norms: &[f32]) {
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, rb) = (&mut acc[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(8).zip(rb.chunks_exact(8)) {
+                let v = lookup8(c, &p.table);
+                // SAFETY: `ac` has 8 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
+                }
+            }
         }
     }
 
@@ -1042,51 +1073,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
-        let bl = q.len().min(256);
-        let mut s = 0.0;
-        for (b, &n) in norms.iter().enumerate() {
-            let (qb, xb) = (&q[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
-            let mut a = [_mm256_setzero_ps(); 4];
-            for (qc, xc) in qb.chunks_exact(32).zip(xb.chunks_exact(32)) {
-                for (k, a) in a.iter_mut().enumerate() {
-                    // SAFETY: `qc`, `xc` have 32 floats.
-                    unsafe {
-                        let qv = _mm256_loadu_ps(qc.as_ptr().add(8 * k));
-                        let xv = _mm256_loadu_ps(xc.as_ptr().add(8 * k));
-                        *a = _mm256_fmadd_ps(qv, xv, *a);
-                    }
-                }
-            }
-            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-            s += hsum(t) * n;
-        }
-        s
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
-        let bl = acc.len().min(256);
-        for (b, &n) in norms.iter().enumerate() {
-            let (ab, xb) = (&mut acc[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
-            let wn = _mm256_set1_ps(w * n);
-            for (ac, xc) in ab.chunks_exact_mut(8).zip(xb.chunks_exact(8)) {
-                // SAFETY: `ac`, `xc` have 8 floats.
-                unsafe {
-                    let r = _mm256_fmadd_ps(
-                        wn,
-                        _mm256_loadu_ps(xc.as_ptr()),
-                        _mm256_loadu_ps(ac.as_ptr()),
-                    );
-                    _mm256_storeu_ps(ac.as_mut_ptr(), r);
-                }
-            }
-        }
     }
 }
 
