@@ -366,7 +366,7 @@ impl<'a> Plane<'a> {
         let cb = cache.codec().codebook(side);
         let mut table = [0f32; 256];
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
-        // The AVX-512 8-bit lookup relies on C[n - 1 - i] = -C[i].
+        // The AVX-512 8-bit and the AVX2 6-bit lookups rely on C[n - 1 - i] = -C[i].
         debug_assert!(cb
             .centroids
             .iter()
