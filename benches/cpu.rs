@@ -182,6 +182,18 @@ fn bench_attention(c: &mut Criterion, pool: &rayon::ThreadPool) {
                 })
             })
         });
+        // One-byte rows also with the AVX2 kernels: what CPUs without AVX-512 run.
+        if kb == vb && kb >= 5 && Simd::Avx2.is_supported() {
+            g.bench_function(format!("tqkv_{kb}_{vb}_avx2"), |b| {
+                pool.install(|| {
+                    b.iter(|| {
+                        let q = Src::F32(black_box(&q));
+                        cpu::attention_with(black_box(&cache), q, 1, &cfg, &mut out, Simd::Avx2)
+                            .expect("attention")
+                    })
+                })
+            });
+        }
     }
     g.finish();
 }
@@ -304,10 +316,15 @@ fn print_summary() {
     }
     if let Some((base_id, base)) = base {
         for (kb, vb) in [(2, 2), (3, 3), (5, 5), (6, 6), (8, 8), (8, 4)] {
-            let id = format!("tqkv_{kb}_{vb}");
-            if let Some(t) = time_ns(&format!("{group}_bits/{id}")) {
-                let r = t / base;
-                println!("    {id} (auto): {:.1} µs, {r:.2} × {base_id}", t / 1e3);
+            for (suffix, kernels) in [("", "auto"), ("_avx2", "AVX2")] {
+                let id = format!("tqkv_{kb}_{vb}{suffix}");
+                if let Some(t) = time_ns(&format!("{group}_bits/{id}")) {
+                    let r = t / base;
+                    println!(
+                        "    {id} ({kernels}): {:.1} µs, {r:.2} × {base_id}",
+                        t / 1e3
+                    );
+                }
             }
         }
     }

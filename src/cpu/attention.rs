@@ -15,7 +15,9 @@
 //! 4-bit rows by permutes over the 16 centroids, each byte's low then high nibble, so a group
 //! of coordinates comes out as `[evens, odds]` (the query is reordered to match once, the
 //! accumulator back once); 2- and 3-bit rows by per-lane variable shifts, in natural order;
-//! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512) or gathers (AVX2).
+//! one-byte rows (5, 6, 8 bits) by permutes over 32-entry slices (AVX-512); with AVX2, 5- and
+//! 6-bit rows by permutes over 8-entry slices merged by blends on the index's higher bits,
+//! 8-bit rows by scalar table loads.
 //! [`attention_reference`] dequantizes the cache to the original domain and runs dense
 //! attention in f64; tests compare the two.
 //!
@@ -364,7 +366,7 @@ impl<'a> Plane<'a> {
         let cb = cache.codec().codebook(side);
         let mut table = [0f32; 256];
         table[..cb.centroids.len()].copy_from_slice(&cb.centroids);
-        // The AVX-512 8-bit lookup relies on C[n - 1 - i] = -C[i].
+        // The AVX-512 8-bit and the AVX2 6-bit lookups rely on C[n - 1 - i] = -C[i].
         debug_assert!(cb
             .centroids
             .iter()
@@ -711,7 +713,7 @@ mod avx2 {
             row: &[u8],
             norms: &[f32],
             _idx: &mut [u8],
-            buf: &mut [f32],
+            _buf: &mut [f32],
         ) -> f32 {
             // SAFETY: only instantiated inside `attend_avx2`, reached after detection.
             unsafe {
@@ -719,10 +721,9 @@ mod avx2 {
                     2 => score_small::<2>(p, q, row, norms),
                     3 => score_small::<3>(p, q, row, norms),
                     4 => score4(p, q, row, norms),
-                    _ => {
-                        decode_bytes(p, row, buf);
-                        dot(q, buf, norms)
-                    }
+                    5 => score_bytes::<5>(p, q, row, norms),
+                    6 => score_bytes::<6>(p, q, row, norms),
+                    _ => score8(p, q, row, norms),
                 }
             }
         }
@@ -735,7 +736,7 @@ mod avx2 {
             row: &[u8],
             norms: &[f32],
             _idx: &mut [u8],
-            buf: &mut [f32],
+            _buf: &mut [f32],
         ) {
             // SAFETY: as above.
             unsafe {
@@ -743,10 +744,9 @@ mod avx2 {
                     2 => accumulate_small::<2>(p, acc, w, row, norms),
                     3 => accumulate_small::<3>(p, acc, w, row, norms),
                     4 => accumulate4(p, acc, w, row, norms),
-                    _ => {
-                        decode_bytes(p, row, buf);
-                        axpy(acc, w, buf, norms)
-                    }
+                    5 => accumulate_bytes::<5>(p, acc, w, row, norms),
+                    6 => accumulate_bytes::<6>(p, acc, w, row, norms),
+                    _ => accumulate8(p, acc, w, row, norms),
                 }
             }
         }
@@ -921,17 +921,147 @@ mod avx2 {
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
-    /// `out[j] = table[row[j]]` for rows of one byte per index (5, 6, 8 bits).
+    /// The 32 table entries [`lookup_bytes`] reads as 8-float registers: the centroids of a
+    /// 5-bit plane, the lower half of a 6-bit one.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn decode_bytes(p: &Plane<'_>, row: &[u8], out: &mut [f32]) {
-        let t = &p.table;
-        for (c, o) in row.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
-            // SAFETY: `c` has 8 bytes, `o` 8 floats; indices are u8 and `t` has 256 entries,
-            // so every gathered address is inside `t`.
-            unsafe {
-                let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.as_ptr().cast()));
-                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_i32gather_ps::<4>(t.as_ptr(), i));
+    fn table32(p: &Plane<'_>) -> [__m256; 4] {
+        // SAFETY: `p.table` has 256 entries; the loads read the first 32.
+        std::array::from_fn(|k| unsafe { _mm256_loadu_ps(p.table.as_ptr().add(8 * k)) })
+    }
+
+    /// Centroids of 8 one-byte indices (`c[0..8]`, 5 or 6 bits; higher bits ignored): a
+    /// permute per 8-entry slice of 32 entries, merged by blends on index bits 3 and 4 (moved
+    /// to the sign bit). 6 bits use the codebook's symmetry, `C[63 - j] = -C[j]`: upper
+    /// indices read the lower half at `idx ^ 63` and flip the sign.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup_bytes<const B: u32>(c: &[u8], t: &[__m256; 4]) -> __m256 {
+        debug_assert!(c.len() >= 8);
+        // SAFETY: `c` has 8 bytes.
+        let i = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(c.as_ptr().cast()) });
+        // Bit 5 in the sign bit; all ones where it is set.
+        let top = _mm256_slli_epi32::<26>(i);
+        let upper = _mm256_srai_epi32::<31>(top);
+        let j = if B == 5 {
+            i
+        } else {
+            _mm256_xor_si256(i, upper)
+        };
+        let sel = |s: __m256i| _mm256_castsi256_ps(s);
+        let (b3, b4) = (
+            sel(_mm256_slli_epi32::<28>(j)),
+            sel(_mm256_slli_epi32::<27>(j)),
+        );
+        let pair = |k: usize| {
+            let lo = _mm256_permutevar8x32_ps(t[k], j);
+            _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(t[k + 1], j), b3)
+        };
+        let v = _mm256_blendv_ps(pair(0), pair(2), b4);
+        if B == 5 {
+            return v;
+        }
+        let sign = _mm256_and_si256(top, _mm256_set1_epi32(i32::MIN));
+        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), sign))
+    }
+
+    /// Centroids of 8 one-byte indices (`c[0..8]`, 8 bits) by scalar table loads (faster here
+    /// than a gather or a tree of 16 permutes over the symmetric half).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup8(c: &[u8], t: &[f32; 256]) -> __m256 {
+        let at = |k: usize| t[c[k] as usize];
+        _mm256_setr_ps(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7))
+    }
+
+    /// [`Kernels::score`] for 8-bit rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn score8(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(32)) {
+                for (k, a) in a.iter_mut().enumerate() {
+                    let v = lookup8(&c[8 * k..8 * k + 8], &p.table);
+                    // SAFETY: `qc` has 32 floats.
+                    let qv = unsafe { _mm256_loadu_ps(qc.as_ptr().add(8 * k)) };
+                    *a = _mm256_fmadd_ps(qv, v, *a);
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 8-bit rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate8(p: &Plane<'_>, acc: &mut [f32], w: f32, row: &[u8], norms: &[f32]) {
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, rb) = (&mut acc[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(8).zip(rb.chunks_exact(8)) {
+                let v = lookup8(c, &p.table);
+                // SAFETY: `ac` has 8 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
+                }
+            }
+        }
+    }
+
+    /// [`Kernels::score`] for 5- and 6-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn score_bytes<const B: u32>(p: &Plane<'_>, q: &[f32], row: &[u8], norms: &[f32]) -> f32 {
+        let t = table32(p);
+        let bl = q.len().min(256);
+        let mut s = 0.0;
+        for (b, &n) in norms.iter().enumerate() {
+            let (qb, rb) = (&q[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (qc, c) in qb.chunks_exact(32).zip(rb.chunks_exact(32)) {
+                for (k, a) in a.iter_mut().enumerate() {
+                    let v = lookup_bytes::<B>(&c[8 * k..], &t);
+                    // SAFETY: `qc` has 32 floats.
+                    let qv = unsafe { _mm256_loadu_ps(qc.as_ptr().add(8 * k)) };
+                    *a = _mm256_fmadd_ps(qv, v, *a);
+                }
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            s += hsum(t) * n;
+        }
+        s
+    }
+
+    /// [`Kernels::accumulate`] for 5- and 6-bit rows, decoding in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate_bytes<const B: u32>(
+        p: &Plane<'_>,
+        acc: &mut [f32],
+        w: f32,
+        row: &[u8],
+        norms: &[f32],
+    ) {
+        let t = table32(p);
+        let bl = acc.len().min(256);
+        for (b, &n) in norms.iter().enumerate() {
+            let (ab, rb) = (&mut acc[b * bl..(b + 1) * bl], &row[b * bl..(b + 1) * bl]);
+            let wn = _mm256_set1_ps(w * n);
+            for (ac, c) in ab.chunks_exact_mut(8).zip(rb.chunks_exact(8)) {
+                let v = lookup_bytes::<B>(c, &t);
+                // SAFETY: `ac` has 8 floats.
+                unsafe {
+                    let at = ac.as_mut_ptr();
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(wn, v, _mm256_loadu_ps(at)));
+                }
             }
         }
     }
@@ -943,51 +1073,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot(q: &[f32], x: &[f32], norms: &[f32]) -> f32 {
-        let bl = q.len().min(256);
-        let mut s = 0.0;
-        for (b, &n) in norms.iter().enumerate() {
-            let (qb, xb) = (&q[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
-            let mut a = [_mm256_setzero_ps(); 4];
-            for (qc, xc) in qb.chunks_exact(32).zip(xb.chunks_exact(32)) {
-                for (k, a) in a.iter_mut().enumerate() {
-                    // SAFETY: `qc`, `xc` have 32 floats.
-                    unsafe {
-                        let qv = _mm256_loadu_ps(qc.as_ptr().add(8 * k));
-                        let xv = _mm256_loadu_ps(xc.as_ptr().add(8 * k));
-                        *a = _mm256_fmadd_ps(qv, xv, *a);
-                    }
-                }
-            }
-            let t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-            s += hsum(t) * n;
-        }
-        s
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32], norms: &[f32]) {
-        let bl = acc.len().min(256);
-        for (b, &n) in norms.iter().enumerate() {
-            let (ab, xb) = (&mut acc[b * bl..(b + 1) * bl], &x[b * bl..(b + 1) * bl]);
-            let wn = _mm256_set1_ps(w * n);
-            for (ac, xc) in ab.chunks_exact_mut(8).zip(xb.chunks_exact(8)) {
-                // SAFETY: `ac`, `xc` have 8 floats.
-                unsafe {
-                    let r = _mm256_fmadd_ps(
-                        wn,
-                        _mm256_loadu_ps(xc.as_ptr()),
-                        _mm256_loadu_ps(ac.as_ptr()),
-                    );
-                    _mm256_storeu_ps(ac.as_mut_ptr(), r);
-                }
-            }
-        }
     }
 }
 
