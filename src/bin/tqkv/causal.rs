@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::kvio::context;
+use crate::reference::{attend_head, HeadOutput, Shape};
 use tqkv::io::{KvLayer, KvTensor};
 use tqkv::{CacheLayout, CacheOptions, Domain, Dst, KvCache, Preset, Result, Side, Src, TqError};
 
@@ -132,15 +133,6 @@ impl Acc {
     }
 }
 
-/// Exact attention of one layer: per q head, the scores `s[t][j]` (j ≤ t, row t starts at
-/// `t(t+1)/2`), their log-sum-exp per token, outputs `[t, d]` and top keys.
-struct Exact {
-    scores: Vec<Vec<f64>>,
-    lse: Vec<Vec<f64>>,
-    out: Vec<Vec<f64>>,
-    top: Vec<Vec<usize>>,
-}
-
 /// Row `tok` of head `h` of `x: [tokens, heads, d]`.
 fn row(x: &KvTensor, tok: usize, h: usize) -> &[f32] {
     let d = x.head_dim;
@@ -151,44 +143,17 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-fn exact(layer: &KvLayer, q: &KvTensor) -> Exact {
-    let (n, d) = (layer.k.tokens, layer.k.head_dim);
-    let group = q.heads / layer.k.heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut e = Exact {
-        scores: Vec::new(),
-        lse: Vec::new(),
-        out: Vec::new(),
-        top: Vec::new(),
+/// Exact attention of one layer, per q head, with its scores.
+fn exact(layer: &KvLayer, q: &KvTensor) -> Vec<HeadOutput> {
+    let s = Shape {
+        tokens: layer.k.tokens,
+        q_heads: q.heads,
+        kv_heads: layer.k.heads,
+        head_dim: layer.k.head_dim,
     };
-    for qh in 0..q.heads {
-        let g = qh / group;
-        let mut s = Vec::with_capacity(n * (n + 1) / 2);
-        let mut lse = Vec::with_capacity(n);
-        let mut out = vec![0f64; n * d];
-        let mut top = Vec::with_capacity(n);
-        for t in 0..n {
-            let qv = row(q, t, qh);
-            let at = s.len();
-            s.extend((0..=t).map(|j| scale * dot(qv, row(&layer.k, j, g))));
-            let (m, best) = argmax(&s[at..]);
-            let z: f64 = s[at..].iter().map(|x| (x - m).exp()).sum();
-            let o = &mut out[t * d..(t + 1) * d];
-            for (j, x) in s[at..].iter().enumerate() {
-                let p = (x - m).exp() / z;
-                for (oi, &vi) in o.iter_mut().zip(row(&layer.v, j, g)) {
-                    *oi += p * vi as f64;
-                }
-            }
-            lse.push(m + z.ln());
-            top.push(best);
-        }
-        e.scores.push(s);
-        e.lse.push(lse);
-        e.out.push(out);
-        e.top.push(top);
-    }
-    e
+    (0..q.heads)
+        .map(|qh| attend_head(s, &q.data, &layer.k.data, &layer.v.data, qh, true))
+        .collect()
 }
 
 /// (max, index of the first max).
@@ -253,7 +218,7 @@ fn packed_kv(
 fn measure(
     layer: &KvLayer,
     q: &KvTensor,
-    ex: &Exact,
+    ex: &[HeadOutput],
     variant: &Variant,
     seed: u64,
     prefill: usize,
@@ -267,11 +232,11 @@ fn measure(
     let mut acc = Acc::default();
     let mut sh = vec![0f64; n];
     let mut o = vec![0f64; d];
-    for qh in 0..q.heads {
+    for (qh, exh) in ex.iter().enumerate() {
         let g = qh / group;
         for t in 0..n {
             let qv = row(q, t, qh);
-            let s = &ex.scores[qh][t * (t + 1) / 2..][..t + 1];
+            let s = &exh.scores[t * (t + 1) / 2..][..t + 1];
             for (j, x) in sh[..=t].iter_mut().enumerate() {
                 *x = if is_exact(t, j) {
                     s[j]
@@ -282,7 +247,7 @@ fn measure(
             let (m, best) = argmax(&sh[..=t]);
             let z: f64 = sh[..=t].iter().map(|x| (x - m).exp()).sum();
             let lse_h = m + z.ln();
-            let lse = ex.lse[qh][t];
+            let lse = exh.lse[t];
             o.fill(0.0);
             let mut kl = 0.0;
             for j in 0..=t {
@@ -298,7 +263,7 @@ fn measure(
                     *oi += ph * vi as f64;
                 }
             }
-            let oe = &ex.out[qh][t * d..(t + 1) * d];
+            let oe = &exh.out[t * d..(t + 1) * d];
             let (mut e2, mut n2, mut m2, mut dt) = (0f64, 0f64, 0f64, 0f64);
             for (&a, &b) in oe.iter().zip(&o) {
                 e2 += (a - b) * (a - b);
@@ -319,7 +284,7 @@ fn measure(
                 (n2 == m2) as u8 as f64
             };
             acc.kl_sum += kl.max(0.0);
-            acc.top_changed += (best != ex.top[qh][t]) as usize;
+            acc.top_changed += (best != exh.top[t]) as usize;
             acc.n += 1;
         }
     }

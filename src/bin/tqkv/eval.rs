@@ -359,7 +359,7 @@ fn attend_layer(layer: &KvLayer, k: &[f32], v: &[f32]) -> Vec<HeadOutput> {
     match (shape(layer), &layer.q) {
         (Some(s), Some(q)) if s.kv_heads > 0 && s.head_dim > 0 => (0..s.q_heads)
             .into_par_iter()
-            .map(|qh| attend_head(s, &q.data, k, v, qh))
+            .map(|qh| attend_head(s, &q.data, k, v, qh, false))
             .collect(),
         _ => Vec::new(),
     }

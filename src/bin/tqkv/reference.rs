@@ -7,6 +7,11 @@ pub struct HeadOutput {
     pub out: Vec<f64>,
     /// Per token, the key position with the largest attention weight (the lowest on ties).
     pub top: Vec<usize>,
+    /// Per token, the log-sum-exp of its scores.
+    pub lse: Vec<f64>,
+    /// The scaled scores `s[t][j]` (j ≤ t; row t starts at `t(t+1)/2`) when asked for, else
+    /// empty.
+    pub scores: Vec<f64>,
 }
 
 /// Shapes of one layer: `q` is `[tokens, q_heads, head_dim]`, `k` and `v` are
@@ -20,13 +25,27 @@ pub struct Shape {
 }
 
 /// Query head `qh` over the whole sequence: token t attends to keys 0..=t of kv head
-/// `qh / (q_heads / kv_heads)` with weights softmax(q·k / √head_dim).
-pub fn attend_head(s: Shape, q: &[f32], k: &[f32], v: &[f32], qh: usize) -> HeadOutput {
+/// `qh / (q_heads / kv_heads)` with weights softmax(q·k / √head_dim). `keep_scores` also
+/// returns the scores.
+pub fn attend_head(
+    s: Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    qh: usize,
+    keep_scores: bool,
+) -> HeadOutput {
     let d = s.head_dim;
     let kvh = qh / (s.q_heads / s.kv_heads);
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f64; s.tokens * d];
     let mut top = vec![0usize; s.tokens];
+    let mut lse = Vec::with_capacity(s.tokens);
+    let mut scores = Vec::with_capacity(if keep_scores {
+        s.tokens * (s.tokens + 1) / 2
+    } else {
+        0
+    });
     let mut w = vec![0f64; s.tokens];
     let kv_row = |t: usize| {
         let start = (t * s.kv_heads + kvh) * d;
@@ -45,11 +64,15 @@ pub fn attend_head(s: Shape, q: &[f32], k: &[f32], v: &[f32], qh: usize) -> Head
             }
         }
         top[t] = best.1;
+        if keep_scores {
+            scores.extend_from_slice(&w[..=t]);
+        }
         let mut total = 0.0;
         for wj in &mut w[..=t] {
             *wj = (*wj - best.0).exp();
             total += *wj;
         }
+        lse.push(best.0 + total.ln());
         let o = &mut out[t * d..(t + 1) * d];
         for (j, &wj) in w[..=t].iter().enumerate() {
             let p = wj / total;
@@ -58,5 +81,10 @@ pub fn attend_head(s: Shape, q: &[f32], k: &[f32], v: &[f32], qh: usize) -> Head
             }
         }
     }
-    HeadOutput { out, top }
+    HeadOutput {
+        out,
+        top,
+        lse,
+        scores,
+    }
 }
