@@ -31,8 +31,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SEED = 0x7451_4B56_5345_4544
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# struct DecodeParams: 13 u64, 6 u32, 4 f32 (144 bytes)
-PARAMS_FMT = "<13Q6I4f"
+# struct DecodeParams: 13 u64, 6 u32, 4 f32, then the exact-segment fields 6 u64, 4 u32 (208 bytes;
+# this harness times plain caches: the latter are all zero)
+PARAMS_FMT = "<13Q6I4f6Q4I"
 
 
 def find_file(*cands):
@@ -206,6 +207,7 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))
@@ -528,18 +530,20 @@ def table(sdpa_path, tqkv_path, log):
     base = {(r["batch"], r["context"]): r for r in sd["rows"]}
     log(f"baseline: {sd['device']}, torch {sd['torch']}, copy {sd['copy_gbs']:.0f} GB/s; "
         f"tqkv: {tq['device']}, copy {tq['copy_gbs']:.0f} GB/s")
-    log("| batch | context | bf16 SDPA µs (backend) | tqkv 8/8 µs | x | tqkv 4/4 µs | x | tqkv 4/2 µs | x |")
-    log("|---|---|---|---|---|---|---|---|---|")
     by = {}
     for r in tq["rows"]:
-        by.setdefault((r["batch"], r["context"]), {})[f"{r['k_bits']}/{r['v_bits']}"] = r["us"]
+        label = r.get("label", f"{r['k_bits']}/{r['v_bits']}")
+        by.setdefault((r["batch"], r["context"]), {})[label] = r["us"]
+    labels = [x for x in ["8/8", "4/4", "4/2", "tq4"] if any(x in v for v in by.values())]
+    log("| batch | context | bf16 SDPA µs (backend) | " + " | ".join(f"tqkv {x} µs | x" for x in labels) + " |")
+    log("|---|---|---|" + "---|---|" * len(labels))
     for key in sorted(by):
         b = base.get(key)
         if b is None:
             continue
         cells = []
-        for bits in ["8/8", "4/4", "4/2"]:
-            us = by[key].get(bits)
+        for label in labels:
+            us = by[key].get(label)
             cells += [f"{us:.1f}", f"{b['us'] / us:.2f}x"] if us else ["", ""]
         backend = b["side"].split("(")[-1].rstrip(")")
         log(f"| {key[0]} | {key[1]} | {b['us']:.1f} ({backend}) | " + " | ".join(cells) + " |")

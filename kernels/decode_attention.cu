@@ -100,6 +100,17 @@ struct DecodeParams {
     float softcap;  // 0 = none; else s = softcap * tanh(s / softcap)
     float pv_scale; // multiplies P' before f16 rounding; the merge divides it out (1 by default)
     float inv_sf;   // 1 / scale_factor_d512 (used for HEAD_DIM > 256)
+    // Exact segments and key centering (docs/FORMAT.md; all 0 for a plain TurboQuant cache).
+    u64 frontiers;  // u32 [num_seqs]: positions [sinks, frontier) are packed; 0 (null) = len
+    u64 key_mean;   // f32 [num_seqs][num_kv_heads][HEAD_DIM], mu (original domain); 0 = none
+    u64 k_sinks;    // u16 [num_seqs][num_kv_heads][sinks][HEAD_DIM], f16/bf16 bits
+    u64 v_sinks;
+    u64 k_window;   // u16 [num_seqs][num_kv_heads][window_len][HEAD_DIM], position p at p % window_len
+    u64 v_window;
+    u32 sinks;      // exact sink positions 0..sinks
+    u32 window_len; // exact recent-window slots
+    u32 exact;      // 1: the last split of each (sequence, KV head) is the exact block
+    u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
 };
 
 // ---------------------------------------------------------------- compile-time geometry
@@ -205,7 +216,7 @@ static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128
 /// Physical byte offset from the pipeline base of logical pipeline byte x (identity without HOLES).
 /// pofs(A + x) = PSC * A + pofs(x) for A a multiple of 128: only per-lane terms go through it.
 __device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
-constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 8;
+constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 16; // qs, amax [8], qmu [8]
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 constexpr int SMEM_WORDS = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
 
@@ -614,6 +625,135 @@ __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b
     }
 }
 
+// ---------------------------------------------------------------- the exact block
+
+constexpr int EL = D / 32;   // dims per lane in the exact block: lane l holds [l * EL, l * EL + EL)
+constexpr int EX_CHUNK = 32 / EL; // exact tokens whose K and V rows (64 floats per lane) load before use
+
+/// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
+__device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, float (&x)[EL]) {
+    u32 w[EL / 2];
+    const u32* src = (const u32*)row + lane * (EL / 2);
+    if constexpr (EL >= 8) {
+#pragma unroll
+        for (int i = 0; i < EL / 8; ++i) {
+            const U4 q = ((const U4*)src)[i];
+            w[4 * i] = q.x;
+            w[4 * i + 1] = q.y;
+            w[4 * i + 2] = q.z;
+            w[4 * i + 3] = q.w;
+        }
+    } else if constexpr (EL == 4) {
+        const U2 q = *(const U2*)src;
+        w[0] = q.x;
+        w[1] = q.y;
+    } else {
+        w[0] = *src;
+    }
+#pragma unroll
+    for (int i = 0; i < EL; ++i) {
+        const u16 h = (u16)(w[i / 2] >> (16 * (i & 1)));
+        x[i] = bf ? bf16_to_f32(h) : f16_to_f32(h);
+    }
+}
+
+/// The exact segments of (seq, kvh) for its GQA query heads as one more partial, slot `slot`:
+/// sink positions [start, min(sinks, len)) and window positions [max(start, sinks, frontier),
+/// len), f16/bf16 as stored. s = scale * q.k in f32 in the original domain (uncentered keys),
+/// softcap, online softmax in log2 units; the value sum is rotated (H D o / sqrt(d), times
+/// pv_scale) so the merge treats it like a packed split. Warp w serves heads w, w + WARPS, ...;
+/// `sm` holds WARPS * D floats.
+__device__ __forceinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u64 pair = (u64)seq * p.num_kv_heads + kvh;
+    const u64 part_base = (pair * p.num_splits + slot) * GQA;
+    float* part_o = (float*)p.part_o + part_base * D;
+    float* part_ml = (float*)p.part_ml + part_base * 2;
+    const u32 S = p.sinks, W = p.window_len;
+    const u32 frontier = p.frontiers ? ((const u32*)p.frontiers)[seq] : len;
+    const u32 s_end = S < len ? S : len;
+    u32 w_begin = start > S ? start : S;
+    if (frontier > w_begin) w_begin = frontier;
+    if (w_begin > len) w_begin = len;
+    const u32 n_s = start < s_end ? s_end - start : 0;
+    const u32 n = n_s + (len - w_begin);
+    const u16* ks = (const u16*)p.k_sinks + pair * S * D;
+    const u16* vs = (const u16*)p.v_sinks + pair * S * D;
+    const u16* kw = (const u16*)p.k_window + pair * W * D;
+    const u16* vw = (const u16*)p.v_window + pair * W * D;
+    const bool bf = p.exact_bf16 != 0;
+    const float ninf = -__int_as_float(0x7f800000);
+    const float inv_cap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        float q[EL], o[EL];
+        const qtype* qp = (const qtype*)p.q + (pair * GQA + h) * D + lane * EL;
+#pragma unroll
+        for (int e = 0; e < EL; ++e) {
+            q[e] = load_q(qp + e);
+            o[e] = 0.0f;
+        }
+        float m = ninf, l = 0.0f;
+#pragma unroll 1
+        for (u32 t0 = 0; t0 < n; t0 += EX_CHUNK) {
+            float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
+#pragma unroll
+            for (int j = 0; j < EX_CHUNK; ++j) {
+                const u32 t = t0 + j < n ? t0 + j : n - 1;
+                const bool sink = t < n_s;
+                const u32 pos = sink ? start + t : w_begin + (t - n_s);
+                const u64 at = (u64)(sink ? pos : pos % W) * D;
+                load_exact((sink ? ks : kw) + at, lane, bf, kx[j]);
+                load_exact((sink ? vs : vw) + at, lane, bf, vx[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < EX_CHUNK; ++j) {
+                if (t0 + j >= n) break;
+                float dot = 0.0f;
+#pragma unroll
+                for (int e = 0; e < EL; ++e) dot += q[e] * kx[j][e];
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                float x = p.scale * dot;
+                if (p.softcap > 0.0f) {
+                    const float ez = ex2(2.0f * LOG2E * x * inv_cap);
+                    x = p.softcap * (1.0f - 2.0f / (ez + 1.0f));
+                }
+                x *= LOG2E;
+                const float m_new = fmaxf(m, x);
+                const float corr = ex2(m - m_new), pj = ex2(x - m_new);
+                l = l * corr + pj;
+#pragma unroll
+                for (int e = 0; e < EL; ++e) o[e] = o[e] * corr + pj * vx[j][e];
+                m = m_new;
+            }
+        }
+        // Rotate the value sum: r = FWHT(signs * o) / sqrt(d).
+        float* r = sm + warp * D;
+        const float* signs = (const float*)p.signs;
+#pragma unroll
+        for (int e = 0; e < EL; ++e) r[lane * EL + e] = o[e] * p.pv_scale * signs[lane * EL + e];
+        __syncwarp();
+#pragma unroll 1
+        for (u32 hs = 1; hs < D; hs <<= 1) {
+            for (u32 i = lane; i < D / 2; i += 32) {
+                const u32 j = (i / hs) * 2 * hs + (i % hs);
+                const float a = r[j], b = r[j + hs];
+                r[j] = a + b;
+                r[j + hs] = a - b;
+            }
+            __syncwarp();
+        }
+        for (u32 i = lane; i < D; i += 32) part_o[h * D + i] = r[i] * INV_SQRT_D;
+        if (lane == 0) {
+            part_ml[2 * h] = m;
+            part_ml[2 * h + 1] = l;
+        }
+        __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------- the split kernel
+
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const DecodeParams p) {
     extern __shared__ u32 smem[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -625,8 +765,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     u32 start = 0;
     if (ring && len > p.capacity) start = len - p.capacity;
     if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
-    const u32 ntiles = (len - start + TILE - 1) / TILE;
-    const u32 per = (ntiles + p.num_splits - 1) / p.num_splits;
+    const u32 packed_splits = p.num_splits - p.exact;
+    if (p.exact != 0 && split == packed_splits) {
+        exact_block(p, seq, kvh, len, start, split, (float*)smem);
+        return;
+    }
+    // Packed positions: [max(start, sinks), min(len, frontier)).
+    u32 end = len;
+    if (p.frontiers) {
+        const u32 f = ((const u32*)p.frontiers)[seq];
+        if (f < end) end = f;
+    }
+    if (p.sinks > start) start = p.sinks;
+    if (start > end) start = end;
+    const u32 ntiles = (end - start + TILE - 1) / TILE;
+    const u32 per = (ntiles + packed_splits - 1) / packed_splits;
     const u32 t_begin = split * per < ntiles ? split * per : ntiles;
     const u32 t_end = t_begin + per < ntiles ? t_begin + per : ntiles;
 
@@ -651,7 +804,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
         s.kn = (const float*)p.k_norms + head_slot0 * NB;
         s.vn = (const float*)p.v_norms + head_slot0 * NB;
-        s.end = len;
+        s.end = end;
         s.cap = p.capacity;
         s.ring = ring;
     }
@@ -704,12 +857,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             }
             __syncthreads();
         }
+        // qmu = scale * q.mu per head: the packed keys are centered (mu = 0 without centering).
+        const float* mu = p.key_mean ? (const float*)p.key_mean + pair_idx * D : nullptr;
         for (u32 hd = warp; hd < GQA; hd += WARPS) {
-            float m = 0.0f;
-            for (u32 i = lane; i < D; i += 32) m = fmaxf(m, fabsf(qs[hd * D + i]));
+            float m = 0.0f, qm = 0.0f;
+            for (u32 i = lane; i < D; i += 32) {
+                m = fmaxf(m, fabsf(qs[hd * D + i]));
+                if (mu) qm += load_q(q + hd * D + i) * mu[i];
+            }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-            if (lane == 0) amax[hd] = m;
+            for (int o = 16; o > 0; o >>= 1) {
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+                qm += __shfl_xor_sync(0xffffffffu, qm, o);
+            }
+            if (lane == 0) {
+                amax[hd] = m;
+                amax[8 + hd] = p.scale * qm;
+            }
         }
         __syncthreads();
     }
@@ -748,6 +912,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     float kqh[2]; // kq of heads 2c, 2c+1
 #pragma unroll
     for (int h = 0; h < 2; ++h) kqh[h] = 2 * c + h < GQA ? p.scale * INV_SQRT_D * amax[2 * c + h] : 0.0f;
+    float qmh[2]; // scale * q.mu of heads 2c, 2c+1
+#pragma unroll
+    for (int h = 0; h < 2; ++h) qmh[h] = 2 * c + h < GQA ? amax[8 + 2 * c + h] : 0.0f;
 
     const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
     const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
@@ -783,7 +950,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 float acc = 0.0f;
 #pragma unroll
                 for (int b = 0; b < NB; ++b) acc += sc[b][2 * r + h] * cur.kn[r][b];
-                float x = acc * kg * kqh[h];
+                float x = acc * kg * kqh[h] + qmh[h];
                 if (softcap > 0.0f) {
                     const float e = ex2(2.0f * LOG2E * x * inv_cap);
                     x = softcap * (1.0f - 2.0f / (e + 1.0f));
@@ -859,6 +1026,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
     }
 #else
+    const float qm = g < GQA ? amax[8 + g] : 0.0f; // scale * q.mu of head g
     float o[NB][NTB][2]; // PV accumulators: n-tile (b, j), columns 2c, 2c+1; row g
 #pragma unroll
     for (int b = 0; b < NB; ++b)
@@ -901,7 +1069,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             float acc = 0.0f;
 #pragma unroll
             for (int b = 0; b < NB; ++b) acc += sc[n][b][j] * cur.kn[r][b];
-            float x = acc * kg * kq;
+            float x = acc * kg * kq + qm;
             if (softcap > 0.0f) {
                 const float e = ex2(2.0f * LOG2E * x * inv_cap);
                 x = softcap * (1.0f - 2.0f / (e + 1.0f));

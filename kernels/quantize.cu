@@ -25,6 +25,9 @@ struct QuantizeParams {
     float bucket_offset;
 };
 
+// "Nothing to write for this sequence" in a position array.
+#define NO_POS 0xffffffffu
+
 // Buckets of the index lookup (the table: `BucketTable` in src/cuda/codec.rs).
 #define BUCKETS (4 << BITS)
 
@@ -93,6 +96,7 @@ struct RangeMap {
     u32 num_kv_heads, capacity, first_slot;
     // Row of the source vector ([tokens, num_kv_heads, HEAD_DIM]); also the status report value.
     __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return (skip + j) * num_kv_heads + h; }
+    __device__ __forceinline__ bool writes(u64) const { return true; }
     // Destination row of the packed plane ([num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
         u64 slot = (u64)first_slot + j;
@@ -101,14 +105,15 @@ struct RangeMap {
     }
 };
 
-// Where vector (j, h) of tq_quantize_batch comes from and goes: sequence j's token at its own
-// logical position seq_lens[j] (slot seq_lens[j] % capacity in a ring sequence).
+// Where vector (j, h) of tq_quantize_batch comes from and goes: sequence j's token at logical
+// position seq_lens[j] (slot seq_lens[j] % capacity in a ring sequence); NO_POS = none.
 struct BatchMap {
     const u32* __restrict__ seq_lens;
     const u32* __restrict__ ring_flags;
     u32 num_kv_heads, capacity;
     // Row of the source vector ([num_seqs, num_kv_heads, HEAD_DIM]); also the status report value.
     __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return j * num_kv_heads + h; }
+    __device__ __forceinline__ bool writes(u64 j) const { return seq_lens[j] != NO_POS; }
     // Destination row of the batch plane ([num_seqs, num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
         const u32 len = seq_lens[j];
@@ -171,7 +176,7 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
 #pragma unroll
         for (int k = 0; k < VPW; ++k) {
             if (k > 0) step_group.advance(j, h);
-            valid[k] = base + (u64)k * GROUPS + group < p.n_vectors;
+            valid[k] = base + (u64)k * GROUPS + group < p.n_vectors && map.writes(j);
             jv[k] = valid[k] ? j : 0;
             hv[k] = valid[k] ? h : 0;
             const u8* row = src + (map.src_row(jv[k], hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
@@ -246,7 +251,8 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
 }
 
 // One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
-// sequence's position seq_lens[j] (u32 [num_seqs]; ring_flags u32 [num_seqs], nonzero = ring).
+// sequence's position seq_lens[j] (u32 [num_seqs], NO_POS: none; ring_flags u32 [num_seqs],
+// nonzero = ring).
 // p.n_vectors = num_seqs * num_kv_heads; p.skip and p.first_slot are unused. The host checks
 // that a global sequence has room (seq_lens[j] < capacity) and advances seq_lens afterwards.
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
@@ -256,4 +262,85 @@ tq_quantize_batch(const u8* __restrict__ src, u8* __restrict__ packed, float* __
                   const u32* __restrict__ ring_flags, const QuantizeParams p) {
     const BatchMap map = {seq_lens, ring_flags, p.num_kv_heads, p.capacity};
     quantize_vectors(src, packed, norms, status, signs, buckets, p, map);
+}
+
+// Mirrors AppendParams in src/cuda/params.rs field by field.
+struct AppendParams {
+    u64 k_new, v_new;       // IN_DTYPE [num_seqs][num_kv_heads][HEAD_DIM]: one token per sequence
+    u64 k_stage, v_stage;   // f32, same shape: the vectors tq_quantize_batch writes next
+    u64 positions;          // u32 [num_seqs] (out): logical position of the staged vector, or NO_POS
+    u64 seq_lens;           // u32 [num_seqs]: lengths before this append
+    u64 frontiers;          // u32 [num_seqs]: positions [sinks, frontier) are packed
+    u64 key_mean;           // f32 [num_seqs][num_kv_heads][HEAD_DIM] mu, or 0 (no centering)
+    u64 k_sinks, v_sinks;   // u16 [num_seqs][num_kv_heads][sinks][HEAD_DIM], exact dtype bits
+    u64 k_window, v_window; // u16 [num_seqs][num_kv_heads][window][HEAD_DIM], position p at p % window
+    u32 num_kv_heads;
+    u32 sinks;
+    u32 window;
+    u32 exact_bf16;         // exact planes hold bf16 (1) or f16 (0)
+};
+
+__device__ __forceinline__ float load_in(const u8* base, u64 i) {
+#if IN_DTYPE == DT_F32
+    return ((const float*)base)[i];
+#elif IN_DTYPE == DT_F16
+    return f16_to_f32(((const u16*)base)[i]);
+#else
+    return bf16_to_f32(((const u16*)base)[i]);
+#endif
+}
+
+// One append to sequences with exact sinks/window or centered keys (src/cuda/cache semantics of
+// KvCache::append with one token): grid (num_kv_heads, num_seqs), block HEAD_DIM threads, thread i
+// = coordinate i of (sequence j, head h). With P = seq_lens[j], a = max(frontier, sinks): position
+// a leaves the exact segments when P + 1 > a + window; it is staged (the window slot a % window,
+// or the new token when a == P; keys minus mu) and positions[j] = a. The new token, rounded to the
+// exact dtype (when anything is kept exact), then goes to sink slot P (P < sinks) or window slot
+// P % window. A non-finite input, or one the exact dtype cannot hold, is reported in `status` as
+// row j * num_kv_heads + h.
+extern "C" __global__ void __launch_bounds__(1024)
+tq_append_stage(const AppendParams p, u64* __restrict__ status) {
+    const u32 h = blockIdx.x, j = blockIdx.y, i = threadIdx.x;
+    const u32 len = ((const u32*)p.seq_lens)[j];
+    const u32 fr = ((const u32*)p.frontiers)[j];
+    const u32 S = p.sinks, W = p.window;
+    const u32 a = fr > S ? fr : S;
+    const bool leave = (u64)len + 1 > (u64)a + W;
+    const bool exact = S + W > 0;
+    const bool bf = p.exact_bf16 != 0;
+    const u64 row = (u64)j * p.num_kv_heads + h;
+    const u64 at = row * HEAD_DIM + i;
+    float kx = load_in((const u8*)p.k_new, at), vx = load_in((const u8*)p.v_new, at);
+    bool bad = !is_finite(kx) || !is_finite(vx);
+    u16 kb = 0, vb = 0;
+    if (exact) {
+        kb = bf ? f32_to_bf16_rn(kx) : f32_to_f16_rn(kx);
+        vb = bf ? f32_to_bf16_rn(vx) : f32_to_f16_rn(vx);
+        kx = bf ? bf16_to_f32(kb) : f16_to_f32(kb);
+        vx = bf ? bf16_to_f32(vb) : f16_to_f32(vb);
+        bad = bad || !is_finite(kx) || !is_finite(vx);
+    }
+    if (leave) {
+        float ks = kx, vs = vx;
+        if (a < len) {
+            const u64 w = (row * W + a % W) * HEAD_DIM + i;
+            const u16 kw = ((const u16*)p.k_window)[w], vw = ((const u16*)p.v_window)[w];
+            ks = bf ? bf16_to_f32(kw) : f16_to_f32(kw);
+            vs = bf ? bf16_to_f32(vw) : f16_to_f32(vw);
+        }
+        if (p.key_mean) ks = __fsub_rn(ks, ((const float*)p.key_mean)[at]);
+        ((float*)p.k_stage)[at] = ks;
+        ((float*)p.v_stage)[at] = vs;
+    }
+    if (h == 0 && i == 0) ((u32*)p.positions)[j] = leave ? a : NO_POS;
+    if (exact && len < S) {
+        const u64 d = (row * S + len) * HEAD_DIM + i;
+        ((u16*)p.k_sinks)[d] = kb;
+        ((u16*)p.v_sinks)[d] = vb;
+    } else if (exact && W > 0) {
+        const u64 d = (row * W + len % W) * HEAD_DIM + i;
+        ((u16*)p.k_window)[d] = kb;
+        ((u16*)p.v_window)[d] = vb;
+    }
+    if (__syncthreads_or(bad) && i == 0) atomicMin(status, row);
 }

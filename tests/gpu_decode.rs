@@ -386,7 +386,7 @@ fn decode_params_mirror_has_the_kernels_size() {
             info.params_bytes as usize,
             std::mem::size_of::<DecodeParams>()
         );
-        assert_eq!(info.params_bytes, 144);
+        assert_eq!(info.params_bytes, 208);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
         assert!(info.blocks_per_sm >= 1, "{info:?}");
         println!("decode kernel heads {heads} {dtype:?}: {info:?}");
@@ -590,7 +590,8 @@ fn bad_arguments_are_errors_naming_the_op_and_values() {
         .expect("append");
     let e = msg(batch.upload(0, &centered));
     assert!(
-        e.contains("plain TurboQuant") && e.contains("center_keys=true, sinks=1"),
+        e.contains("the cache has center_keys=true, sinks=1")
+            && e.contains("the batch has center_keys=false, sinks=0"),
         "{e}"
     );
 }

@@ -7,21 +7,30 @@
 //! holds its logical length (u32 `seq_lens`) and its mode (u32 `ring_flags`, nonzero = ring);
 //! the host keeps a mirror of both. A global sequence stores position p in slot p, a ring one in
 //! slot `p % capacity` and attends to its last `capacity` positions.
+//!
+//! With [`CacheOptions`] other than plain ([`BatchCache::with_options`]) each sequence also has
+//! the planes of a [`KvCache`] with those options: exact sinks `[num_seqs, num_kv_heads, sinks,
+//! head_dim]` and window `[num_seqs, num_kv_heads, window, head_dim]` (f16/bf16 bits, position p
+//! at window slot `p % window`), μ `[num_seqs, num_kv_heads, head_dim]` f32 when centering keys,
+//! and its frontier (u32 `frontiers`, host mirror too): positions `[sinks, frontier)` are packed.
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::buffer::{BufferDType, DeviceBuffer};
 use super::codec::CudaCodec;
 use super::decode::DecodeState;
 use super::device::CudaDevice;
 use super::driver_err;
+use super::params::AppendParams;
 use crate::cache::KvCache;
 use crate::codec::Codec;
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
 use crate::layout::{CacheLayout, CacheMode, Side};
+use crate::options::CacheOptions;
+use crate::TqError;
 
 /// The K/V caches of `num_seqs` sequences of one layer on one device.
 #[derive(Debug)]
@@ -42,6 +51,55 @@ pub struct BatchCache {
     pub(super) modes: Vec<CacheMode>,
     /// Decode-attention kernels and workspace.
     pub(super) decode: DecodeState,
+    options: CacheOptions,
+    /// Effective exact sinks and window (the options' values, at most `capacity`).
+    pub(super) sinks: usize,
+    pub(super) window: usize,
+    /// Exact segments, μ and frontiers; `None` for plain TurboQuant options.
+    pub(super) extras: Option<Extras>,
+}
+
+/// What a batch with non-plain options keeps beside the packed planes (module docs).
+#[derive(Debug)]
+pub(super) struct Extras {
+    pub(super) k_sinks: DeviceBuffer,
+    pub(super) v_sinks: DeviceBuffer,
+    pub(super) k_window: DeviceBuffer,
+    pub(super) v_window: DeviceBuffer,
+    /// f32 `[num_seqs, num_kv_heads, head_dim]`; `None` without centering.
+    pub(super) key_mean: Option<DeviceBuffer>,
+    /// u32 `[num_seqs]` frontiers and their host mirror.
+    pub(super) frontiers: CudaSlice<u32>,
+    frontier: Vec<u32>,
+    /// Whether each sequence's μ is set (given, or uploaded with a cache).
+    mean_set: Vec<bool>,
+    /// Append staging: f32 `[num_seqs, num_kv_heads, head_dim]` per side and u32 `[num_seqs]`
+    /// positions (tq_append_stage -> tq_quantize_batch).
+    k_stage: DeviceBuffer,
+    v_stage: DeviceBuffer,
+    positions: CudaSlice<u32>,
+}
+
+impl Extras {
+    fn num_bytes(&self) -> usize {
+        let mean = self.key_mean.as_ref().map_or(0, |m| m.num_bytes());
+        self.k_sinks.num_bytes()
+            + self.v_sinks.num_bytes()
+            + self.k_window.num_bytes()
+            + self.v_window.num_bytes()
+            + mean
+            + 4 * self.frontier.len()
+            + self.k_stage.num_bytes()
+            + self.v_stage.num_bytes()
+            + 4 * self.frontier.len()
+    }
+
+    fn exact(&self, side: Side) -> (&DeviceBuffer, &DeviceBuffer) {
+        match side {
+            Side::Keys => (&self.k_sinks, &self.k_window),
+            Side::Values => (&self.v_sinks, &self.v_window),
+        }
+    }
 }
 
 fn ring_flag(mode: CacheMode) -> u32 {
@@ -49,9 +107,23 @@ fn ring_flag(mode: CacheMode) -> u32 {
 }
 
 impl BatchCache {
-    /// `num_seqs` empty sequences, each in `layout.mode`, with every plane allocated (zeroed) for
-    /// `layout.capacity` tokens. `num_kv_heads`, `head_dim` and `capacity` must be > 0.
+    /// `num_seqs` empty plain TurboQuant sequences (no centering, no exact tokens), each in
+    /// `layout.mode`, with every plane allocated (zeroed) for `layout.capacity` tokens.
+    /// `num_kv_heads`, `head_dim` and `capacity` must be > 0.
     pub fn new(device: Arc<CudaDevice>, layout: CacheLayout, num_seqs: usize) -> Result<Self> {
+        Self::with_options(device, layout, CacheOptions::plain(), num_seqs)
+    }
+
+    /// `num_seqs` empty sequences with `options` (key centering, exact sinks and window; see
+    /// [`CacheOptions`] and the module docs). A given `options.key_mean` is every sequence's μ;
+    /// otherwise a centering sequence takes μ from the cache [`BatchCache::upload`]s into it or
+    /// from [`BatchCache::set_key_mean`].
+    pub fn with_options(
+        device: Arc<CudaDevice>,
+        layout: CacheLayout,
+        options: CacheOptions,
+        num_seqs: usize,
+    ) -> Result<Self> {
         let op = "batch cache";
         let l = layout.validated()?;
         if l.num_kv_heads == 0 || l.head_dim == 0 || l.capacity == 0 {
@@ -87,6 +159,42 @@ impl BatchCache {
         let lens = vec![0u32; num_seqs];
         let seq_lens = s.clone_htod(&padded(&lens)).map_err(up)?;
         let ring_flags = s.clone_htod(&padded(&flags)).map_err(up)?;
+        options.check(&l)?;
+        let sinks = options.sinks.min(l.capacity);
+        let window = options.window.min(l.capacity);
+        let extras = if options.center_keys || sinks + window > 0 {
+            let (h, d) = (l.num_kv_heads, l.head_dim);
+            let exact = BufferDType::Float(options.exact_dtype);
+            let zeros = |dtype, tokens: usize| {
+                let len = plane(h.checked_mul(tokens * d).ok_or_else(|| {
+                    TqError::InvalidArgument(format!("{op}: exact plane size overflows"))
+                })?)?;
+                DeviceBuffer::zeros(&s, dtype, len)
+            };
+            let key_mean = match &options.key_mean {
+                Some(mu) => {
+                    let all: Vec<f32> = (0..num_seqs).flat_map(|_| mu.iter().copied()).collect();
+                    Some(DeviceBuffer::from_f32(&s, &all)?)
+                }
+                None if options.center_keys => Some(zeros(f32s, 1)?),
+                None => None,
+            };
+            Some(Extras {
+                k_sinks: zeros(exact, sinks)?,
+                v_sinks: zeros(exact, sinks)?,
+                k_window: zeros(exact, window)?,
+                v_window: zeros(exact, window)?,
+                key_mean,
+                frontiers: s.clone_htod(&padded(&lens)).map_err(up)?,
+                frontier: lens.clone(),
+                mean_set: vec![options.key_mean.is_some(); num_seqs],
+                k_stage: zeros(f32s, 1)?,
+                v_stage: zeros(f32s, 1)?,
+                positions: s.clone_htod(&padded(&lens)).map_err(up)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             codec,
             num_seqs,
@@ -99,7 +207,104 @@ impl BatchCache {
             lens,
             modes,
             decode: DecodeState::default(),
+            options,
+            sinks,
+            window,
+            extras,
         })
+    }
+
+    /// The options the batch was built with.
+    pub fn options(&self) -> &CacheOptions {
+        &self.options
+    }
+
+    /// Exact sink positions per sequence: `0..sinks()` (at most `capacity`).
+    pub fn sinks(&self) -> usize {
+        self.sinks
+    }
+
+    /// Exact recent-window length in tokens (at most `capacity`).
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Each sequence's quantized frontier: retained positions in `[sinks, frontier)` are packed,
+    /// `[max(frontier, sinks), len)` exact in the window. Equal to the lengths for plain options.
+    pub fn frontiers(&self) -> &[u32] {
+        self.extras.as_ref().map_or(&self.lens, |e| &e.frontier)
+    }
+
+    /// Sets sequence `seq`'s key mean μ, `[num_kv_heads, head_dim]` f32 (original domain). Only
+    /// for centering batches, and only while nothing of the sequence is packed (its frontier is at
+    /// most `sinks`): the packed keys were quantized minus the μ they had.
+    pub fn set_key_mean(&mut self, seq: usize, mu: &[f32]) -> Result<()> {
+        let op = "batch cache set_key_mean";
+        self.check_seq(op, seq)?;
+        let l = *self.layout();
+        let sinks = self.sinks as u32;
+        let Some(e) = self.extras.as_mut() else {
+            invalid!("{op}: the batch does not center keys (CacheOptions::center_keys is off)");
+        };
+        let Some(buf) = e.key_mean.as_mut() else {
+            invalid!("{op}: the batch does not center keys (CacheOptions::center_keys is off)");
+        };
+        let n = l.num_kv_heads * l.head_dim;
+        if mu.len() != n {
+            invalid!(
+                "{op}: mu has {} elements, need {n} (num_kv_heads={} × head_dim={})",
+                mu.len(),
+                l.num_kv_heads,
+                l.head_dim
+            );
+        }
+        if let Some(i) = mu.iter().position(|x| !x.is_finite()) {
+            invalid!("{op}: mu[{i}] is not finite ({})", mu[i]);
+        }
+        if e.frontier[seq] > sinks {
+            invalid!(
+                "{op}: sequence {seq} already has packed keys (positions {sinks}..{}) quantized \
+                 with its previous mean",
+                e.frontier[seq]
+            );
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(mu);
+        let b0 = seq * bytes.len();
+        self.codec
+            .stream()
+            .memcpy_htod(bytes, &mut buf.slice_mut().slice_mut(b0..b0 + bytes.len()))
+            .map_err(|e| driver_err("batch cache: upload key mean", e))?;
+        e.mean_set[seq] = true;
+        Ok(())
+    }
+
+    /// Sequence `seq`'s exact sinks `[num_kv_heads, sinks, head_dim]` and window `[num_kv_heads,
+    /// window, head_dim]` of one side, f16/bf16 bits (empty for plain options; synchronizes).
+    pub fn download_exact(&self, seq: usize, side: Side) -> Result<(Vec<u16>, Vec<u16>)> {
+        let op = "batch cache download_exact";
+        self.check_seq(op, seq)?;
+        let Some(e) = &self.extras else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let (sinks, window) = e.exact(side);
+        let s = self.codec.stream();
+        let down = |e| driver_err("batch cache: download exact", e);
+        let mut out = [Vec::new(), Vec::new()];
+        for (buf, o) in [sinks, window].into_iter().zip(&mut out) {
+            let n = buf.num_bytes() / self.num_seqs.max(1);
+            let mut bytes = vec![0u8; n];
+            if n > 0 {
+                s.memcpy_dtoh(&buf.slice().slice(seq * n..(seq + 1) * n), &mut bytes)
+                    .map_err(down)?;
+            }
+            s.synchronize().map_err(down)?;
+            *o = bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+        }
+        let [a, b] = out;
+        Ok((a, b))
     }
 
     pub fn layout(&self) -> &CacheLayout {
@@ -125,12 +330,16 @@ impl BatchCache {
         &self.modes
     }
 
-    /// Bytes of the four planes on the device.
+    /// Bytes of every buffer the batch holds on the device: the four planes, the lengths and
+    /// modes, and with non-plain options the exact sinks and window, μ, the frontiers and the
+    /// append staging buffers.
     pub fn memory_bytes(&self) -> usize {
         self.k_packed.num_bytes()
             + self.v_packed.num_bytes()
             + self.k_norms.num_bytes()
             + self.v_norms.num_bytes()
+            + 8 * self.num_seqs
+            + self.extras.as_ref().map_or(0, Extras::num_bytes)
     }
 
     fn check_seq(&self, op: &str, seq: usize) -> Result<()> {
@@ -151,7 +360,12 @@ impl BatchCache {
         s.memcpy_htod(&padded(&self.lens), &mut self.seq_lens)
             .map_err(up)?;
         s.memcpy_htod(&padded(&flags), &mut self.ring_flags)
-            .map_err(up)
+            .map_err(up)?;
+        if let Some(e) = self.extras.as_mut() {
+            s.memcpy_htod(&padded(&e.frontier), &mut e.frontiers)
+                .map_err(up)?;
+        }
+        Ok(())
     }
 
     /// Empties sequence `seq` and sets its mode (its slots keep their bytes until rewritten).
@@ -159,14 +373,22 @@ impl BatchCache {
         self.check_seq("batch cache reset", seq)?;
         self.lens[seq] = 0;
         self.modes[seq] = mode;
+        let given = self.options.key_mean.clone();
+        if let Some(e) = self.extras.as_mut() {
+            e.frontier[seq] = 0;
+            e.mean_set[seq] = false;
+        }
+        if let Some(mu) = given {
+            self.set_key_mean(seq, &mu)?;
+        }
         self.sync_meta()
     }
 
-    /// Copies a CPU cache into sequence `seq`: its planes, length and mode. The cache must have
-    /// this batch's layout (mode aside) and retain exactly what the kernels assume: every
+    /// Copies a CPU cache into sequence `seq`: its planes, exact segments, μ, frontier, length
+    /// and mode. The cache must have this batch's layout (mode aside) and options (centering,
+    /// effective sinks and window, exact dtype) and retain exactly what the kernels assume: every
     /// position of a global cache, the last `min(len, capacity)` positions of a ring (no
-    /// truncation below a wrapped ring's window), and be plain TurboQuant (no key centering, no
-    /// exact sinks or window: the GPU decode does not read those yet).
+    /// truncation below a wrapped ring's window).
     pub fn upload(&mut self, seq: usize, cache: &KvCache) -> Result<()> {
         let op = "batch cache upload";
         self.check_seq(op, seq)?;
@@ -175,15 +397,24 @@ impl BatchCache {
         if !same {
             invalid!("{op}: cache layout {c:?} differs from the batch layout {l:?} (mode aside)");
         }
-        let o = cache.options();
-        if o.center_keys || cache.sinks() > 0 || cache.window() > 0 {
+        let (o, b) = (cache.options(), &self.options);
+        let exact = self.sinks + self.window > 0;
+        if o.center_keys != b.center_keys
+            || cache.sinks() != self.sinks
+            || cache.window() != self.window
+            || (exact && o.exact_dtype != b.exact_dtype)
+        {
             invalid!(
-                "{op}: the GPU decode reads plain TurboQuant caches; this cache has \
-                 center_keys={}, sinks={}, window={} (build it with KvCache::new or \
-                 CacheOptions::plain())",
+                "{op}: the cache has center_keys={}, sinks={}, window={}, exact_dtype={:?} but \
+                 the batch has center_keys={}, sinks={}, window={}, exact_dtype={:?}",
                 o.center_keys,
                 cache.sinks(),
-                cache.window()
+                cache.window(),
+                o.exact_dtype,
+                b.center_keys,
+                self.sinks,
+                self.window,
+                b.exact_dtype
             );
         }
         let want_first = match c.mode {
@@ -220,6 +451,36 @@ impl BatchCache {
             s.memcpy_htod(norms, &mut nb.slice_mut().slice_mut(n0..n0 + norms.len()))
                 .map_err(up)?;
         }
+        if let Some(e) = self.extras.as_mut() {
+            let Ok(frontier) = u32::try_from(cache.frontier()) else {
+                invalid!("{op}: frontier ({}) must fit in u32", cache.frontier());
+            };
+            for side in [Side::Keys, Side::Values] {
+                let (sinks, window) = match side {
+                    Side::Keys => (&mut e.k_sinks, &mut e.k_window),
+                    Side::Values => (&mut e.v_sinks, &mut e.v_window),
+                };
+                for (host, dev) in [
+                    (cache.exact_sinks(side), sinks),
+                    (cache.exact_window(side), window),
+                ] {
+                    let bytes: &[u8] = bytemuck::cast_slice(host);
+                    let b0 = seq * bytes.len();
+                    if !bytes.is_empty() {
+                        s.memcpy_htod(bytes, &mut dev.slice_mut().slice_mut(b0..b0 + bytes.len()))
+                            .map_err(up)?;
+                    }
+                }
+            }
+            if let (Some(buf), Some(mu)) = (e.key_mean.as_mut(), cache.key_mean()) {
+                let bytes: &[u8] = bytemuck::cast_slice(mu);
+                let b0 = seq * bytes.len();
+                s.memcpy_htod(bytes, &mut buf.slice_mut().slice_mut(b0..b0 + bytes.len()))
+                    .map_err(up)?;
+            }
+            e.mean_set[seq] = cache.key_mean().is_some();
+            e.frontier[seq] = frontier;
+        }
         self.lens[seq] = len;
         self.modes[seq] = c.mode;
         self.sync_meta()
@@ -237,6 +498,12 @@ impl BatchCache {
     ) -> Result<()> {
         let op = "batch cache copy_sequence";
         self.check_seq(op, seq)?;
+        if self.extras.is_some() {
+            invalid!(
+                "{op}: the batch keeps exact tokens or centered keys; copy a whole cache with \
+                 upload instead"
+            );
+        }
         let l = *self.layout();
         if mode == CacheMode::Global && len > l.capacity {
             invalid!(
@@ -334,10 +601,14 @@ impl BatchCache {
     }
 
     /// Appends one token to every sequence: `k` and `v` each `[num_seqs, num_kv_heads,
-    /// head_dim]` (f32, f16 or bf16), token s at sequence s's next position. One launch per side,
-    /// bit-identical to the CPU quantize; asynchronous on the codec's stream. A global sequence
-    /// that is full is an error (nothing is written). A non-finite vector leaves its slot as it
-    /// was and is reported by [`BatchCache::check_finite`]; its sequence's length still advances.
+    /// head_dim]` (f32, f16 or bf16), token s at sequence s's next position. Plain options: one
+    /// launch per side. Otherwise one more launch first stages the position that leaves the exact
+    /// segments (as [`KvCache::append`] with one token; `k` and `v` must then share a dtype).
+    /// Bit-identical to the CPU; asynchronous on the codec's stream. A global sequence that is
+    /// full, or a centering sequence without μ that would quantize a key, is an error (nothing is
+    /// written). A non-finite vector (or one the exact dtype cannot hold) is reported by
+    /// [`BatchCache::check_finite`]; its packed slot keeps its bytes, its sequence's length
+    /// still advances.
     pub fn append(&mut self, k: &DeviceBuffer, v: &DeviceBuffer) -> Result<()> {
         let op = "batch cache append";
         let l = *self.layout();
@@ -374,6 +645,9 @@ impl BatchCache {
         if self.num_seqs == 0 {
             return Ok(());
         }
+        if self.extras.is_some() {
+            return self.append_staged(k, v);
+        }
         let n = self.num_seqs;
         self.codec.quantize_batch(
             Side::Keys,
@@ -395,6 +669,102 @@ impl BatchCache {
         )?;
         for len in &mut self.lens {
             *len += 1;
+        }
+        self.sync_meta()
+    }
+
+    /// [`BatchCache::append`] of a batch with exact segments or centered keys (shapes checked).
+    fn append_staged(&mut self, k: &DeviceBuffer, v: &DeviceBuffer) -> Result<()> {
+        let op = "batch cache append";
+        let (sinks, window) = (self.sinks as u64, self.window as u64);
+        let n = self.num_seqs;
+        let num_kv_heads = self.layout().num_kv_heads as u32;
+        let exact_bf16 = u32::from(self.options.exact_dtype == DType::Bf16);
+        let Some(e) = self.extras.as_mut() else {
+            return Ok(());
+        };
+        if k.dtype() != v.dtype() {
+            invalid!(
+                "{op}: k holds {:?} and v {:?}; with exact segments or centered keys they must \
+                 share a dtype",
+                k.dtype(),
+                v.dtype()
+            );
+        }
+        // The position leaving the exact segments, per sequence (tq_append_stage's rule).
+        let leaving = |len: u32, frontier: u32| -> Option<u32> {
+            let a = u64::from(frontier).max(sinks);
+            (u64::from(len) + 1 > a + window).then_some(a as u32)
+        };
+        if e.key_mean.is_some() {
+            for s in 0..n {
+                if !e.mean_set[s] && leaving(self.lens[s], e.frontier[s]).is_some() {
+                    invalid!(
+                        "{op}: sequence {s} has no key mean and would quantize a key: upload a \
+                         cache that has one, call set_key_mean, or give CacheOptions::key_mean"
+                    );
+                }
+            }
+        }
+        let BufferDType::Float(dtype) = k.dtype() else {
+            invalid!("{op}: k holds {:?}, need f32, f16 or bf16", k.dtype());
+        };
+        let st = self.codec.stream().clone();
+        let (k_new, _g1) = k.slice().device_ptr(&st);
+        let (v_new, _g2) = v.slice().device_ptr(&st);
+        let (k_stage, _g3) = e.k_stage.slice().device_ptr(&st);
+        let (v_stage, _g4) = e.v_stage.slice().device_ptr(&st);
+        let (positions, _g5) = e.positions.device_ptr(&st);
+        let (seq_lens, _g6) = self.seq_lens.device_ptr(&st);
+        let (frontiers, _g7) = e.frontiers.device_ptr(&st);
+        let (k_sinks, _g8) = e.k_sinks.slice().device_ptr(&st);
+        let (v_sinks, _g9) = e.v_sinks.slice().device_ptr(&st);
+        let (k_window, _g10) = e.k_window.slice().device_ptr(&st);
+        let (v_window, _g11) = e.v_window.slice().device_ptr(&st);
+        let mean = e.key_mean.as_ref().map(|m| m.slice().device_ptr(&st));
+        let params = AppendParams {
+            k_new,
+            v_new,
+            k_stage,
+            v_stage,
+            positions,
+            seq_lens,
+            frontiers,
+            key_mean: mean.as_ref().map_or(0, |m| m.0),
+            k_sinks,
+            v_sinks,
+            k_window,
+            v_window,
+            num_kv_heads,
+            sinks: sinks as u32,
+            window: window as u32,
+            exact_bf16,
+        };
+        self.codec.append_stage(&params, dtype, n)?;
+        drop((
+            _g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, _g11, mean,
+        ));
+        self.codec.quantize_batch(
+            Side::Keys,
+            &e.k_stage,
+            n,
+            &e.positions,
+            &self.ring_flags,
+            &mut self.k_packed,
+            &mut self.k_norms,
+        )?;
+        self.codec.quantize_batch(
+            Side::Values,
+            &e.v_stage,
+            n,
+            &e.positions,
+            &self.ring_flags,
+            &mut self.v_packed,
+            &mut self.v_norms,
+        )?;
+        for (len, frontier) in self.lens.iter_mut().zip(&mut e.frontier) {
+            *len += 1;
+            *frontier = (*frontier).max((u64::from(*len).saturating_sub(window)) as u32);
         }
         self.sync_meta()
     }

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKern
 use super::buffer::{BufferDType, DeviceBuffer};
 use super::device::CudaDevice;
 use super::driver_err;
-use super::params::{DequantizeParams, QuantizeParams};
+use super::params::{AppendParams, DequantizeParams, QuantizeParams};
 use super::registry::{Family, KernelKey};
 use crate::codebook::Codebook;
 use crate::codec::{Codec, Domain};
@@ -208,8 +208,18 @@ impl CudaCodec {
         in_dtype: DType,
         vpw: i64,
     ) -> Result<(KernelKey, CudaFunction)> {
+        let key = self.quantize_key(family, side, in_dtype, vpw);
+        let f = self
+            .device
+            .registry()
+            .function(self.device.context(), &key)?;
+        Ok((key, f))
+    }
+
+    /// The registry key of a quantize-family module (its defines).
+    fn quantize_key(&self, family: Family, side: Side, in_dtype: DType, vpw: i64) -> KernelKey {
         let l = self.codec.layout();
-        let key = KernelKey {
+        KernelKey {
             family,
             defines: vec![
                 ("HEAD_DIM", l.head_dim as i64),
@@ -218,12 +228,7 @@ impl CudaCodec {
                 ("IN_DTYPE", dtype_code(in_dtype)),
                 ("VPW", vpw),
             ],
-        };
-        let f = self
-            .device
-            .registry()
-            .function(self.device.context(), &key)?;
-        Ok((key, f))
+        }
     }
 
     /// The quantize kernels' parameters for one side (both entries share the struct).
@@ -313,6 +318,45 @@ impl CudaCodec {
         // SAFETY: the argument list matches tq_quantize_batch's signature; the batch cache
         // checked src's shape and that every written slot lies inside packed and norms.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
+        Ok(())
+    }
+
+    /// Stages one batch append of a cache with exact segments or centered keys
+    /// (`tq_append_stage` in kernels/quantize.cu): writes the new tokens' exact copies, and the
+    /// vectors leaving the exact segments into `p.k_stage` / `p.v_stage` with their positions in
+    /// `p.positions`. `new_dtype` is the dtype of `p.k_new` and `p.v_new`. The batch cache has
+    /// validated every pointer's buffer; non-finite inputs go to [`CudaCodec::check_finite`].
+    pub(crate) fn append_stage(
+        &self,
+        p: &AppendParams,
+        new_dtype: DType,
+        num_seqs: usize,
+    ) -> Result<()> {
+        let op = "cuda batch append (exact segments)";
+        let l = self.codec.layout();
+        if num_seqs == 0 || l.num_kv_heads == 0 {
+            return Ok(());
+        }
+        let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, new_dtype, 1);
+        let module = self.device.registry().module(self.device.context(), &key)?;
+        let stage = module
+            .load_function("tq_append_stage")
+            .map_err(|e| driver_err(&format!("{op}: loading tq_append_stage of {key}"), e))?;
+        let cfg = LaunchConfig {
+            grid_dim: (l.num_kv_heads as u32, num_seqs as u32, 1),
+            block_dim: (l.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut status = self
+            .status
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut launch = self.stream.launch_builder(&stage);
+        launch.arg(p).arg(&mut *status);
+        // SAFETY: the argument list matches tq_append_stage's signature; every pointer in `p`
+        // addresses a live buffer of the shape its field states (checked by the batch cache).
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_err(&format!("{op}: launch tq_append_stage"), e))?;
         Ok(())
     }
 

@@ -385,7 +385,9 @@ impl BatchCache {
             return Ok(());
         }
         let k = self.decode_kernel(gqa, dtype)?;
-        let splits = self.splits_for(&k.info, cfg);
+        // One more block per (sequence, kv head) attends to the exact sinks and window.
+        let exact = u32::from(self.sinks + self.window > 0);
+        let splits = self.splits_for(&k.info, cfg) + exact;
         let n_part = self.num_seqs * l.num_kv_heads * splits as usize * gqa;
         let ws_len = n_part * (l.head_dim + 2);
         let s = self.codec.stream();
@@ -416,6 +418,16 @@ impl BatchCache {
         let (lens, _g10) = self.seq_lens.device_ptr(s);
         let (rings, _g11) = self.ring_flags.device_ptr(s);
         let (ws_ptr, _g12) = ws.device_ptr(s);
+        let e = self.extras.as_ref();
+        let frontiers = e.map(|e| e.frontiers.device_ptr(s));
+        let key_mean = e
+            .and_then(|e| e.key_mean.as_ref())
+            .map(|b| b.slice().device_ptr(s));
+        let k_sinks = e.map(|e| e.k_sinks.slice().device_ptr(s));
+        let v_sinks = e.map(|e| e.v_sinks.slice().device_ptr(s));
+        let k_window = e.map(|e| e.k_window.slice().device_ptr(s));
+        let v_window = e.map(|e| e.v_window.slice().device_ptr(s));
+        let addr = |p: &Option<(u64, _)>| p.as_ref().map_or(0, |p| p.0);
         for (name, ptr) in [
             ("q", q_ptr),
             ("out", out_ptr),
@@ -450,6 +462,16 @@ impl BatchCache {
             softcap: cfg.softcap,
             pv_scale: 1.0,
             inv_sf: 1.0 / l.scale_factor_d512,
+            frontiers: addr(&frontiers),
+            key_mean: addr(&key_mean),
+            k_sinks: addr(&k_sinks),
+            v_sinks: addr(&v_sinks),
+            k_window: addr(&k_window),
+            v_window: addr(&v_window),
+            sinks: self.sinks as u32,
+            window_len: self.window as u32,
+            exact,
+            exact_bf16: u32::from(self.options().exact_dtype == DType::Bf16),
         };
         let split_cfg = LaunchConfig {
             grid_dim: (splits, l.num_kv_heads as u32, self.num_seqs as u32),
@@ -464,7 +486,8 @@ impl BatchCache {
         // SAFETY: both kernels take one DecodeParams by value (size checked against the module
         // when it was loaded); every pointer addresses a live buffer whose shape was validated
         // above (planes [num_seqs, num_kv_heads, capacity, ...] of this layout, workspace of
-        // n_part * (head_dim + 2) f32), all ordered on this stream.
+        // n_part * (head_dim + 2) f32) or allocated with the batch (exact planes, μ, frontiers
+        // of this batch's options), all ordered on this stream.
         unsafe {
             s.launch_builder(&k.split)
                 .arg(&params)

@@ -87,12 +87,63 @@ pub struct DecodeParams {
     pub pv_scale: f32,
     /// `1 / scale_factor_d512` (head_dim > 256).
     pub inv_sf: f32,
+    /// u32 `[num_seqs]`: positions `[sinks, frontier)` are packed; 0 (null) = the length.
+    pub frontiers: u64,
+    /// f32 `[num_seqs, num_kv_heads, head_dim]` key mean μ (original domain); 0 = no centering.
+    pub key_mean: u64,
+    /// u16 `[num_seqs, num_kv_heads, sinks, head_dim]` f16/bf16 bits.
+    pub k_sinks: u64,
+    pub v_sinks: u64,
+    /// u16 `[num_seqs, num_kv_heads, window_len, head_dim]`, position p at slot `p % window_len`.
+    pub k_window: u64,
+    pub v_window: u64,
+    /// Exact sink positions `0..sinks`.
+    pub sinks: u32,
+    /// Exact recent-window slots.
+    pub window_len: u32,
+    /// 1: the last of `num_splits` blocks per (sequence, kv head) attends to the exact segments.
+    pub exact: u32,
+    /// 1: the exact planes hold bf16, 0: f16.
+    pub exact_bf16: u32,
+}
+
+/// Parameters of `tq_append_stage` (`struct AppendParams` in kernels/quantize.cu). Pointers are
+/// device addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AppendParams {
+    /// `[num_seqs, num_kv_heads, head_dim]` new tokens, the kernel's input dtype.
+    pub k_new: u64,
+    pub v_new: u64,
+    /// f32, same shape: the vectors the batch quantize writes next.
+    pub k_stage: u64,
+    pub v_stage: u64,
+    /// u32 `[num_seqs]` (written): logical position of the staged vector, or `u32::MAX`.
+    pub positions: u64,
+    /// u32 `[num_seqs]`: lengths before the append.
+    pub seq_lens: u64,
+    /// u32 `[num_seqs]`: positions `[sinks, frontier)` are packed.
+    pub frontiers: u64,
+    /// f32 `[num_seqs, num_kv_heads, head_dim]` key mean, or 0 (no centering).
+    pub key_mean: u64,
+    /// u16 `[num_seqs, num_kv_heads, sinks, head_dim]` exact dtype bits.
+    pub k_sinks: u64,
+    pub v_sinks: u64,
+    /// u16 `[num_seqs, num_kv_heads, window, head_dim]`, position p at slot `p % window`.
+    pub k_window: u64,
+    pub v_window: u64,
+    pub num_kv_heads: u32,
+    pub sinks: u32,
+    pub window: u32,
+    /// 1: the exact planes hold bf16, 0: f16.
+    pub exact_bf16: u32,
 }
 
 // SAFETY: plain-old-data structs with the C layout of their CUDA mirrors.
 unsafe impl cudarc::driver::DeviceRepr for QuantizeParams {}
 unsafe impl cudarc::driver::DeviceRepr for DequantizeParams {}
 unsafe impl cudarc::driver::DeviceRepr for DecodeParams {}
+unsafe impl cudarc::driver::DeviceRepr for AppendParams {}
 
 #[cfg(test)]
 mod tests {
@@ -104,8 +155,10 @@ mod tests {
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
-        // kernels/decode_attention.cu: 13 u64, 6 u32, 4 f32 (its tq_decode_params_bytes).
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 144);
+        // kernels/decode_attention.cu: 19 u64, 10 u32, 4 f32 (its tq_decode_params_bytes).
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 208);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
+        // kernels/quantize.cu: 12 u64, 4 u32.
+        assert_eq!(std::mem::size_of::<AppendParams>(), 112);
     }
 }

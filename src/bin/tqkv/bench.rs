@@ -12,7 +12,10 @@ use tqkv::cuda::{
     BatchCache, BufferDType, CudaCodec, CudaDevice, CudaStream, DecodeVariant, DeviceBuffer,
     SeqPlanes,
 };
-use tqkv::{cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, Result, Side, Src, TqError};
+use tqkv::{
+    cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, KvCache, Preset, Result, Side, Src,
+    TqError,
+};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -49,6 +52,10 @@ struct DecodeArgs {
     /// K/V bit widths as K/V, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "8/8,4/4,4/2")]
     bits: Vec<String>,
+    /// Presets (centered keys, exact sink and window) timed beside the plain bit widths,
+    /// comma-separated; "" for none.
+    #[arg(long, value_delimiter = ',', default_value = "tq4", value_parser = parse_preset_arg)]
+    presets: Vec<Option<Preset>>,
     /// Timed calls per shape (the median is reported; at least 20).
     #[arg(long, default_value_t = 30)]
     reps: usize,
@@ -59,6 +66,14 @@ struct DecodeArgs {
     /// default rule, for tuning.
     #[arg(long, value_parser = parse_variant)]
     variant: Option<DecodeVariant>,
+}
+
+fn parse_preset_arg(s: &str) -> std::result::Result<Option<Preset>, String> {
+    if s.trim().is_empty() {
+        Ok(None)
+    } else {
+        crate::kvio::parse_preset(s).map(Some)
+    }
 }
 
 fn parse_variant(s: &str) -> std::result::Result<DecodeVariant, String> {
@@ -467,6 +482,8 @@ struct DecodeRow {
     batch: usize,
     context: usize,
     bits: (u32, u32),
+    /// "K/V" for plain TurboQuant, else the preset's name.
+    label: String,
     us: f64,
     bytes: usize,
     splits: u32,
@@ -532,42 +549,44 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 for seq in 0..batch {
                     cache.copy_sequence(seq, sp, context, CacheMode::Global)?;
                 }
-                let n = batch * a.heads * a.head_dim;
-                let q: Vec<half::bf16> = input(n, 7)
-                    .iter()
-                    .map(|x| half::bf16::from_f32(x.to_f32()))
-                    .collect();
-                let q = DeviceBuffer::from_src(&s, Src::Bf16(&q))?;
-                let mut out = DeviceBuffer::zeros(&s, BufferDType::Float(DType::Bf16), n)?;
-                let cfg = AttentionConfig::new(a.head_dim);
-                let splits = cache.decode_splits(a.heads, DType::Bf16, &cfg)?;
-                let info = cache.decode_kernel_info(a.heads, DType::Bf16)?;
-                let v = info.variant;
-                let variant = format!(
-                    "{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
-                    v.warps,
-                    v.stages,
-                    v.min_blocks,
-                    v.lut256 as u8,
-                    v.trans as u8,
-                    info.registers,
-                    info.blocks_per_sm
-                );
-                let us = time_flushed(&s, reps, &mut flush, || {
-                    cache.attention(&q, a.heads, &cfg, &mut out)
-                })?;
-                let finite = out.to_bf16(&s)?.iter().all(|x| x.is_finite());
-                if !finite {
-                    return Err(TqError::Cuda(format!(
-                        "bench decode: non-finite output at batch {batch}, context {context}, bits {kb}/{vb}"
-                    )));
-                }
+                let (us, splits, variant) =
+                    time_decode(&s, &mut cache, a, batch, reps, &mut flush)?;
                 rows.push(DecodeRow {
                     batch,
                     context,
                     bits: (kb, vb),
+                    label: format!("{kb}/{vb}"),
                     us,
                     bytes: batch * context * (l.bytes_per_token()),
+                    splits,
+                    variant,
+                });
+            }
+        }
+    }
+    for &preset in a.presets.iter().flatten() {
+        let (kb, vb) = preset.bits();
+        for &context in &a.contexts {
+            let l = preset.layout(a.kv_heads, a.head_dim, context)?;
+            let prompt = preset_prompt(l, preset, context)?;
+            let exact = prompt.sinks() + prompt.window();
+            for &batch in &a.batches {
+                let mut cache = BatchCache::with_options(dev.clone(), l, preset.options(), batch)?;
+                cache.set_decode_variant(a.variant)?;
+                for seq in 0..batch {
+                    cache.upload(seq, &prompt)?;
+                }
+                let (us, splits, variant) =
+                    time_decode(&s, &mut cache, a, batch, reps, &mut flush)?;
+                let exact_bytes = exact.min(context) * a.kv_heads * a.head_dim * 2 * 2;
+                let packed = context.saturating_sub(exact) * l.bytes_per_token();
+                rows.push(DecodeRow {
+                    batch,
+                    context,
+                    bits: (kb, vb),
+                    label: preset.name().to_string(),
+                    us,
+                    bytes: batch * (packed + exact_bytes),
                     splits,
                     variant,
                 });
@@ -578,20 +597,53 @@ fn decode(a: &DecodeArgs) -> Result<()> {
         "| batch | context | bits | µs | GB/s (compressed bytes read) | % of copy | splits | variant |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    rows.sort_by_key(|r| (r.batch, r.context, std::cmp::Reverse(r.bits)));
+    rows.sort_by_key(|r| {
+        (
+            r.batch,
+            r.context,
+            std::cmp::Reverse(r.bits),
+            r.label.contains('/'),
+        )
+    });
     for r in &rows {
         let gbs = r.bytes as f64 / (r.us * 1e-6) / 1e9;
         println!(
-            "| {} | {} | {}/{} | {:.1} | {gbs:.0} | {:.0}% | {} | {} |",
+            "| {} | {} | {} | {:.1} | {gbs:.0} | {:.0}% | {} | {} |",
             r.batch,
             r.context,
-            r.bits.0,
-            r.bits.1,
+            r.label,
             r.us,
             100.0 * gbs / copy,
             r.splits,
             r.variant
         );
+    }
+    let presets: Vec<&DecodeRow> = rows.iter().filter(|r| !r.label.contains('/')).collect();
+    let plain_of = |p: &DecodeRow| {
+        rows.iter().find(|r| {
+            r.label.contains('/') && (r.batch, r.context, r.bits) == (p.batch, p.context, p.bits)
+        })
+    };
+    if presets.iter().any(|p| plain_of(p).is_some()) {
+        println!();
+        println!("Cost of the presets' exact window, sink and centering: preset µs / plain µs at the same bits");
+        println!();
+        println!("| batch | context | preset | plain | preset µs | plain µs | preset / plain |");
+        println!("|---|---|---|---|---|---|---|");
+        for p in presets {
+            if let Some(r) = plain_of(p) {
+                println!(
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.3} |",
+                    p.batch,
+                    p.context,
+                    p.label,
+                    r.label,
+                    p.us,
+                    r.us,
+                    p.us / r.us
+                );
+            }
+        }
     }
     if let Some(path) = &a.json {
         let rows: Vec<serde_json::Value> = rows
@@ -599,6 +651,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "batch": r.batch, "context": r.context, "k_bits": r.bits.0, "v_bits": r.bits.1,
+                    "label": r.label,
                     "us": r.us, "bytes": r.bytes, "splits": r.splits, "variant": r.variant,
                 })
             })
@@ -610,6 +663,67 @@ fn decode(a: &DecodeArgs) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Median µs of one decode call of `cache` (every sequence full, bf16 queries), its splits and
+/// kernel variant description.
+fn time_decode(
+    s: &Arc<CudaStream>,
+    cache: &mut BatchCache,
+    a: &DecodeArgs,
+    batch: usize,
+    reps: usize,
+    flush: &mut DeviceBuffer,
+) -> Result<(f64, u32, String)> {
+    let n = batch * a.heads * a.head_dim;
+    let q: Vec<half::bf16> = input(n, 7)
+        .iter()
+        .map(|x| half::bf16::from_f32(x.to_f32()))
+        .collect();
+    let q = DeviceBuffer::from_src(s, Src::Bf16(&q))?;
+    let mut out = DeviceBuffer::zeros(s, BufferDType::Float(DType::Bf16), n)?;
+    let cfg = AttentionConfig::new(a.head_dim);
+    let splits = cache.decode_splits(a.heads, DType::Bf16, &cfg)?;
+    let info = cache.decode_kernel_info(a.heads, DType::Bf16)?;
+    let v = info.variant;
+    let variant = format!(
+        "{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
+        v.warps,
+        v.stages,
+        v.min_blocks,
+        v.lut256 as u8,
+        v.trans as u8,
+        info.registers,
+        info.blocks_per_sm
+    );
+    let us = time_flushed(s, reps, flush, || {
+        cache.attention(&q, a.heads, &cfg, &mut out)
+    })?;
+    if !out.to_bf16(s)?.iter().all(|x| x.is_finite()) {
+        let l = cache.layout();
+        return Err(TqError::Cuda(format!(
+            "bench decode: non-finite output at batch {batch}, context {}, bits {}/{}",
+            l.capacity, l.k_bits, l.v_bits
+        )));
+    }
+    Ok((us, splits, variant))
+}
+
+/// A CPU cache with `preset`'s options holding a `context`-token prompt (the inputs of
+/// [`prompt_planes`]), for [`BatchCache::upload`].
+fn preset_prompt(l: CacheLayout, preset: Preset, context: usize) -> Result<KvCache> {
+    eprintln!(
+        "bench decode: quantizing a {context}-token {} prompt on the CPU",
+        preset.name()
+    );
+    let mut cache = KvCache::with_options(l, preset.options())?;
+    let per = l.num_kv_heads * l.head_dim;
+    let (k, v) = (input(context * per, 1), input(context * per, 2));
+    for t in (0..context).step_by(4096) {
+        let r = t * per..(t + 4096).min(context) * per;
+        cache.append(Src::F16(&k[r.clone()]), Src::F16(&v[r]))?;
+    }
+    Ok(cache)
 }
 
 /// The planes of one `context`-token prompt (f16 Gaussian-ish K/V quantized on the GPU): packed
