@@ -6,12 +6,15 @@
 //   o = D H o~ (un-rotated once). k^_j, v^_j are dequantized on the fly: C[idx] * g.
 //
 // Kernels (NVRTC, no toolkit headers; compile-time constants by -D):
-//   tq_decode_split  grid (num_splits, num_kv_heads, num_seqs), block WARPS*32 threads,
+//   tq_decode_split  grid (num_splits, num_kv_heads, num_seqs [+ exact slices]), block WARPS*32 threads,
 //                    dynamic shared memory tq_decode_smem_bytes. Each block serves the GQA
 //                    query heads of one KV head over one slice of the sequence (flash-decoding)
 //                    and writes a partial state: part_o [num_seqs][num_kv_heads][num_splits][GQA]
 //                    [HEAD_DIM] f32 (unnormalized, rotated domain, times pv_scale) and part_ml
 //                    [...][GQA][2] f32 (running max in log2 units, sum of weights).
+//                    With exact segments (p.exact = 1) the packed blocks are num_splits-1 per
+//                    (sequence, KV head) and grid z-slices past num_seqs hold one exact block per
+//                    (sequence, KV head) (exact_block), which writes slot num_splits-1.
 //   tq_decode_merge  grid (num_kv_heads*GQA, num_seqs), block HEAD_DIM threads: log-sum-exp merge
 //                    of the splits, normalization, inverse rotation, output in DTYPE.
 //
@@ -109,7 +112,7 @@ struct DecodeParams {
     u64 v_window;
     u32 sinks;      // exact sink positions 0..sinks
     u32 window_len; // exact recent-window slots
-    u32 exact;      // 1: the last split of each (sequence, KV head) is the exact block
+    u32 exact;      // 1: slot num_splits-1 of each (sequence, KV head) is its exact block's (grid z >= num_seqs)
     u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
 };
 
@@ -218,7 +221,12 @@ static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128
 __device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
 constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 16; // qs, amax [8], qmu [8]
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
-constexpr int SMEM_WORDS = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
+/// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
+/// per-warp max and sum [WARPS][8] each, q.mu shifts [8].
+constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 2 * WARPS * 8 + 8;
+
+constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
+constexpr int SMEM_WORDS = SMEM_WORDS0 > EXACT_WORDS ? SMEM_WORDS0 : EXACT_WORDS;
 
 /// Dynamic shared memory bytes tq_decode_split needs (read by the host).
 extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
@@ -628,7 +636,7 @@ __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b
 // ---------------------------------------------------------------- the exact block
 
 constexpr int EL = D / 32;   // dims per lane in the exact block: lane l holds [l * EL, l * EL + EL)
-constexpr int EX_CHUNK = 32 / EL; // exact tokens whose K and V rows (64 floats per lane) load before use
+constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact tokens per warp whose rows load together
 
 /// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
 __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, float (&x)[EL]) {
@@ -657,18 +665,42 @@ __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, fl
     }
 }
 
+/// Positions and rows of the exact tokens of one (sequence, KV head): t < n_s are sinks
+/// start + t, the rest window positions w_begin + (t - n_s).
+struct ExactRows {
+    const u16 *ks, *vs, *kw, *vw;
+    u32 start, n_s, w_begin, window;
+};
+
+/// Starts loading the K and V rows of exact tokens t0, t0 + WARPS, ... (EX_CHUNK of them; past
+/// n, token t0 again, unused) into this lane's registers.
+__device__ __forceinline__ void load_exact_chunk(const ExactRows& r, u32 t0, u32 n, u32 lane, bool bf,
+                                                 float (&kx)[EX_CHUNK][EL], float (&vx)[EX_CHUNK][EL]) {
+#pragma unroll
+    for (int j = 0; j < EX_CHUNK; ++j) {
+        const u32 tj = t0 + j * WARPS;
+        const u32 t = tj < n ? tj : t0;
+        const bool sink = t < r.n_s;
+        const u32 pos = sink ? r.start + t : r.w_begin + (t - r.n_s);
+        const u64 at = (u64)(sink ? pos : pos % r.window) * D;
+        load_exact((sink ? r.ks : r.kw) + at, lane, bf, kx[j]);
+        load_exact((sink ? r.vs : r.vw) + at, lane, bf, vx[j]);
+    }
+}
+
 /// The exact segments of (seq, kvh) for its GQA query heads as one more partial, slot `slot`:
 /// sink positions [start, min(sinks, len)) and window positions [max(start, sinks, frontier),
 /// len), f16/bf16 as stored. s = scale * q.k in f32 in the original domain (uncentered keys),
 /// softcap, online softmax in log2 units; the value sum is rotated (H D o / sqrt(d), times
-/// pv_scale) so the merge treats it like a packed split. Warp w serves heads w, w + WARPS, ...;
-/// `sm` holds WARPS * D floats.
+/// pv_scale) so the merge treats it like a packed split. Centered packed keys miss scale * q.mu
+/// in their scores: with a softcap the packed blocks add it, else the exact scores subtract it
+/// (softmax is shift-invariant; the packed blocks then read no mu). Exact token t goes to warp
+/// t % WARPS, which scores it against every head of the group (its rows are read once, one
+/// memory round trip for up to WARPS * EX_CHUNK tokens); the warps' states merge in shared
+/// memory (`sm`, EXACT_WORDS).
 __device__ __forceinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 pair = (u64)seq * p.num_kv_heads + kvh;
-    const u64 part_base = (pair * p.num_splits + slot) * GQA;
-    float* part_o = (float*)p.part_o + part_base * D;
-    float* part_ml = (float*)p.part_ml + part_base * 2;
     const u32 S = p.sinks, W = p.window_len;
     const u32 frontier = p.frontiers ? ((const u32*)p.frontiers)[seq] : len;
     const u32 s_end = S < len ? S : len;
@@ -677,40 +709,54 @@ __device__ __forceinline__ void exact_block(const DecodeParams& p, u32 seq, u32 
     if (w_begin > len) w_begin = len;
     const u32 n_s = start < s_end ? s_end - start : 0;
     const u32 n = n_s + (len - w_begin);
-    const u16* ks = (const u16*)p.k_sinks + pair * S * D;
-    const u16* vs = (const u16*)p.v_sinks + pair * S * D;
-    const u16* kw = (const u16*)p.k_window + pair * W * D;
-    const u16* vw = (const u16*)p.v_window + pair * W * D;
+    const ExactRows rows = {(const u16*)p.k_sinks + pair * S * D, (const u16*)p.v_sinks + pair * S * D,
+                            (const u16*)p.k_window + pair * W * D, (const u16*)p.v_window + pair * W * D,
+                            start, n_s, w_begin, W};
     const bool bf = p.exact_bf16 != 0;
+    const bool shift = p.key_mean != 0 && !(p.softcap > 0.0f);
     const float ninf = -__int_as_float(0x7f800000);
     const float inv_cap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+    float* q_s = sm;                        // [GQA][D]
+    float* o_s = q_s + GQA * D;             // [WARPS][GQA][D]
+    float* m_s = o_s + WARPS * GQA * D;     // [WARPS][8]
+    float* l_s = m_s + WARPS * 8;           // [WARPS][8]
+    float* qmu_s = l_s + WARPS * 8;         // [8]: scale * q.mu (0 unless shift)
+    const qtype* q = (const qtype*)p.q + pair * GQA * D;
+    for (u32 i = tid; i < GQA * D; i += THREADS) q_s[i] = load_q(q + i);
     for (u32 h = warp; h < GQA; h += WARPS) {
-        float q[EL], o[EL];
-        const qtype* qp = (const qtype*)p.q + (pair * GQA + h) * D + lane * EL;
+        const float* mu = (const float*)p.key_mean + pair * D;
+        float a = 0.0f;
+        if (shift)
+            for (u32 i = lane; i < D; i += 32) a += load_q(q + h * D + i) * mu[i];
 #pragma unroll
-        for (int e = 0; e < EL; ++e) {
-            q[e] = load_q(qp + e);
-            o[e] = 0.0f;
-        }
-        float m = ninf, l = 0.0f;
+        for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+        if (lane == 0) qmu_s[h] = p.scale * a;
+    }
+    float* o_w = o_s + warp * GQA * D;
+#pragma unroll
+    for (int h = 0; h < GQA; ++h)
+#pragma unroll
+        for (int e = 0; e < EL; ++e) o_w[h * D + lane * EL + e] = 0.0f;
+    __syncthreads();
+    float m[GQA], l[GQA];
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        m[h] = ninf;
+        l[h] = 0.0f;
+    }
+    // This warp's tokens t = warp + WARPS * i, EX_CHUNK at a time.
 #pragma unroll 1
-        for (u32 t0 = 0; t0 < n; t0 += EX_CHUNK) {
-            float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
+    for (u32 t0 = warp; t0 < n; t0 += WARPS * EX_CHUNK) {
+        float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
+        load_exact_chunk(rows, t0, n, lane, bf, kx, vx);
 #pragma unroll
-            for (int j = 0; j < EX_CHUNK; ++j) {
-                const u32 t = t0 + j < n ? t0 + j : n - 1;
-                const bool sink = t < n_s;
-                const u32 pos = sink ? start + t : w_begin + (t - n_s);
-                const u64 at = (u64)(sink ? pos : pos % W) * D;
-                load_exact((sink ? ks : kw) + at, lane, bf, kx[j]);
-                load_exact((sink ? vs : vw) + at, lane, bf, vx[j]);
-            }
+        for (int j = 0; j < EX_CHUNK; ++j) {
+            if (t0 + j * WARPS >= n) break;
 #pragma unroll
-            for (int j = 0; j < EX_CHUNK; ++j) {
-                if (t0 + j >= n) break;
+            for (int h = 0; h < GQA; ++h) {
                 float dot = 0.0f;
 #pragma unroll
-                for (int e = 0; e < EL; ++e) dot += q[e] * kx[j][e];
+                for (int e = 0; e < EL; ++e) dot += q_s[h * D + lane * EL + e] * kx[j][e];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
                 float x = p.scale * dot;
@@ -718,58 +764,104 @@ __device__ __forceinline__ void exact_block(const DecodeParams& p, u32 seq, u32 
                     const float ez = ex2(2.0f * LOG2E * x * inv_cap);
                     x = p.softcap * (1.0f - 2.0f / (ez + 1.0f));
                 }
-                x *= LOG2E;
-                const float m_new = fmaxf(m, x);
-                const float corr = ex2(m - m_new), pj = ex2(x - m_new);
-                l = l * corr + pj;
+                x = (x - qmu_s[h]) * LOG2E;
+                const float m_new = fmaxf(m[h], x);
+                const float corr = ex2(m[h] - m_new), pj = ex2(x - m_new);
+                l[h] = l[h] * corr + pj;
+                m[h] = m_new;
 #pragma unroll
-                for (int e = 0; e < EL; ++e) o[e] = o[e] * corr + pj * vx[j][e];
-                m = m_new;
+                for (int e = 0; e < EL; ++e) {
+                    float& o = o_w[h * D + lane * EL + e];
+                    o = o * corr + pj * vx[j][e];
+                }
             }
         }
-        // Rotate the value sum: r = FWHT(signs * o) / sqrt(d).
-        float* r = sm + warp * D;
-        const float* signs = (const float*)p.signs;
+    }
+    if (lane == 0) {
 #pragma unroll
-        for (int e = 0; e < EL; ++e) r[lane * EL + e] = o[e] * p.pv_scale * signs[lane * EL + e];
-        __syncwarp();
+        for (int h = 0; h < GQA; ++h) {
+            m_s[warp * 8 + h] = m[h];
+            l_s[warp * 8 + h] = l[h];
+        }
+    }
+    __syncthreads();
+    // Merge the warps into q_s (the queries are dead): sum_w e^(m_w - M) o_w * pv_scale * signs.
+    const float* signs = (const float*)p.signs;
+    for (u32 i = tid; i < GQA * D; i += THREADS) {
+        const u32 h = i / D;
+        float mx = ninf;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_s[w * 8 + h]);
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float mw = m_s[w * 8 + h];
+            acc += mw == ninf ? 0.0f : ex2(mw - mx) * o_s[w * GQA * D + i];
+        }
+        q_s[i] = acc * p.pv_scale * signs[i % D];
+    }
+    __syncthreads();
+    // Rotate: FWHT of each head's row, then / sqrt(d).
 #pragma unroll 1
-        for (u32 hs = 1; hs < D; hs <<= 1) {
-            for (u32 i = lane; i < D / 2; i += 32) {
-                const u32 j = (i / hs) * 2 * hs + (i % hs);
-                const float a = r[j], b = r[j + hs];
-                r[j] = a + b;
-                r[j + hs] = a - b;
-            }
-            __syncwarp();
+    for (u32 hs = 1; hs < D; hs <<= 1) {
+        for (u32 i = tid; i < GQA * D / 2; i += THREADS) {
+            const u32 hd = i / (D / 2), k = i % (D / 2);
+            const u32 j = hd * D + (k / hs) * 2 * hs + (k % hs);
+            const float a = q_s[j], b = q_s[j + hs];
+            q_s[j] = a + b;
+            q_s[j + hs] = a - b;
         }
-        for (u32 i = lane; i < D; i += 32) part_o[h * D + i] = r[i] * INV_SQRT_D;
-        if (lane == 0) {
-            part_ml[2 * h] = m;
-            part_ml[2 * h + 1] = l;
+        __syncthreads();
+    }
+    const u64 part_base = (pair * p.num_splits + slot) * GQA;
+    float* part_o = (float*)p.part_o + part_base * D;
+    float* part_ml = (float*)p.part_ml + part_base * 2;
+    for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = q_s[i] * INV_SQRT_D;
+    if (tid < GQA) {
+        float mx = ninf, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_s[w * 8 + tid]);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float mw = m_s[w * 8 + tid];
+            sum += mw == ninf ? 0.0f : ex2(mw - mx) * l_s[w * 8 + tid];
         }
-        __syncwarp();
+        part_ml[2 * tid] = mx;
+        part_ml[2 * tid + 1] = sum;
     }
 }
 
-// ---------------------------------------------------------------- the split kernel
+// ---------------------------------------------------------------- the split kernel entry
+
+/// The first position query len-1 of sequence `seq` attends to (ring and sliding window).
+__device__ __forceinline__ u32 visible_start(const DecodeParams& p, u32 seq, u32 len) {
+    const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
+    u32 start = 0;
+    if (ring && len > p.capacity) start = len - p.capacity;
+    if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
+    return start;
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const DecodeParams p) {
     extern __shared__ u32 smem[];
+    if (blockIdx.z >= p.num_seqs) {
+        // Exact blocks (z-slices past the sequences, dispatched after every packed block so they
+        // fill the slots the packed wave leaves free): block e serves pair e = seq * kv heads + kvh.
+        const u64 e = ((u64)(blockIdx.z - p.num_seqs) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        if (e >= (u64)p.num_seqs * p.num_kv_heads) return;
+        const u32 seq = (u32)(e / p.num_kv_heads), kvh = (u32)(e % p.num_kv_heads);
+        const u32 len = ((const u32*)p.seq_lens)[seq];
+        exact_block(p, seq, kvh, len, visible_start(p, seq, len), p.num_splits - 1, (float*)smem);
+        return;
+    }
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3, lane4 = lane * 4;
 
     const u32 len = ((const u32*)p.seq_lens)[seq];
     const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
-    u32 start = 0;
-    if (ring && len > p.capacity) start = len - p.capacity;
-    if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
-    const u32 packed_splits = p.num_splits - p.exact;
-    if (p.exact != 0 && split == packed_splits) {
-        exact_block(p, seq, kvh, len, start, split, (float*)smem);
-        return;
-    }
+    u32 start = visible_start(p, seq, len);
+    const u32 packed_splits = p.num_splits - p.exact; // == gridDim.x
     // Packed positions: [max(start, sinks), min(len, frontier)).
     u32 end = len;
     if (p.frontiers) {
@@ -857,8 +949,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             }
             __syncthreads();
         }
-        // qmu = scale * q.mu per head: the packed keys are centered (mu = 0 without centering).
-        const float* mu = p.key_mean ? (const float*)p.key_mean + pair_idx * D : nullptr;
+        // qmu = scale * q.mu per head, what the centered packed keys miss; added here only before
+        // a softcap (else the exact block subtracts it from its scores: exact_block).
+        const float* mu = p.key_mean && p.softcap > 0.0f ? (const float*)p.key_mean + pair_idx * D : nullptr;
         for (u32 hd = warp; hd < GQA; hd += WARPS) {
             float m = 0.0f, qm = 0.0f;
             for (u32 i = lane; i < D; i += 32) {

@@ -192,6 +192,38 @@ fn decode_over_exact_segments_and_centered_keys_matches_cpu_attention() {
     }
 }
 
+#[test]
+fn exact_blocks_serve_every_sequence_of_a_large_batch() {
+    let Some(dev) = device() else { return };
+    // 40 sequences × 2 kv heads: few packed splits, so the exact blocks span many grid slices.
+    let l = layout(2, 128, 3000, 4, 4);
+    let options = CacheOptions::default();
+    let mut g = Gauss::new(17);
+    let cpu: Vec<KvCache> = (0..40)
+        .map(|i| {
+            let len = if i < 3 {
+                [0, 1, 34][i]
+            } else {
+                1 + (g.uniform() * 2999.0) as usize
+            };
+            filled(l, &options, CacheMode::Global, len, 700 + i as u64)
+        })
+        .collect();
+    let mut batch =
+        BatchCache::with_options(dev.clone(), l, options, cpu.len()).expect("batch cache");
+    for (i, c) in cpu.iter().enumerate() {
+        batch.upload(i, c).expect("upload");
+    }
+    compare_attention(
+        &batch,
+        &cpu,
+        8,
+        &AttentionConfig::new(128),
+        3,
+        "40 sequences, tq4 options",
+    );
+}
+
 /// Appends `steps` tokens to every sequence on the GPU and the CPU and compares every plane
 /// after each step, and attention every `every` steps.
 fn assert_appends_match(

@@ -385,9 +385,22 @@ impl BatchCache {
             return Ok(());
         }
         let k = self.decode_kernel(gqa, dtype)?;
-        // One more block per (sequence, kv head) attends to the exact sinks and window.
+        // One more block per (sequence, kv head) attends to the exact sinks and window (one more
+        // partial slot): grid z-slices past the sequences, `packed` blocks per (z, kv head).
         let exact = u32::from(self.sinks + self.window > 0);
-        let splits = self.splits_for(&k.info, cfg) + exact;
+        let packed = self.splits_for(&k.info, cfg);
+        let splits = packed + exact;
+        let exact_z = if exact == 1 {
+            self.num_seqs.div_ceil(packed as usize)
+        } else {
+            0
+        };
+        if self.num_seqs + exact_z > MAX_GRID_YZ {
+            invalid!(
+                "{op}: num_seqs ({}) + exact-block slices ({exact_z}) must be at most {MAX_GRID_YZ}",
+                self.num_seqs
+            );
+        }
         let n_part = self.num_seqs * l.num_kv_heads * splits as usize * gqa;
         let ws_len = n_part * (l.head_dim + 2);
         let s = self.codec.stream();
@@ -474,7 +487,11 @@ impl BatchCache {
             exact_bf16: u32::from(self.options().exact_dtype == DType::Bf16),
         };
         let split_cfg = LaunchConfig {
-            grid_dim: (splits, l.num_kv_heads as u32, self.num_seqs as u32),
+            grid_dim: (
+                packed,
+                l.num_kv_heads as u32,
+                (self.num_seqs + exact_z) as u32,
+            ),
             block_dim: (k.info.variant.warps * 32, 1, 1),
             shared_mem_bytes: k.info.smem_bytes,
         };

@@ -101,7 +101,8 @@ pub struct DecodeParams {
     pub sinks: u32,
     /// Exact recent-window slots.
     pub window_len: u32,
-    /// 1: the last of `num_splits` blocks per (sequence, kv head) attends to the exact segments.
+    /// 1: slot `num_splits - 1` of each (sequence, kv head) is its exact block's (the grid's
+    /// z-slices past `num_seqs`).
     pub exact: u32,
     /// 1: the exact planes hold bf16, 0: f16.
     pub exact_bf16: u32,

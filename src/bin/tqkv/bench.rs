@@ -484,6 +484,8 @@ struct DecodeRow {
     bits: (u32, u32),
     /// "K/V" for plain TurboQuant, else the preset's name.
     label: String,
+    /// For a preset: µs of a plain cache of the same bits and prompt, timed alternately with it.
+    paired_plain_us: Option<f64>,
     us: f64,
     bytes: usize,
     splits: u32,
@@ -556,6 +558,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                     context,
                     bits: (kb, vb),
                     label: format!("{kb}/{vb}"),
+                    paired_plain_us: None,
                     us,
                     bytes: batch * context * (l.bytes_per_token()),
                     splits,
@@ -570,14 +573,34 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             let l = preset.layout(a.kv_heads, a.head_dim, context)?;
             let prompt = preset_prompt(l, preset, context)?;
             let exact = prompt.sinks() + prompt.window();
+            let planes = prompt_planes(&dev, l)?;
             for &batch in &a.batches {
                 let mut cache = BatchCache::with_options(dev.clone(), l, preset.options(), batch)?;
                 cache.set_decode_variant(a.variant)?;
                 for seq in 0..batch {
                     cache.upload(seq, &prompt)?;
                 }
-                let (us, splits, variant) =
-                    time_decode(&s, &mut cache, a, batch, reps, &mut flush)?;
+                // The same prompt in a plain cache of the same bits, timed alternately with the
+                // preset (the better of two medians each): the preset's cost without drift.
+                let mut plain = BatchCache::new(dev.clone(), l, batch)?;
+                plain.set_decode_variant(a.variant)?;
+                let sp = SeqPlanes {
+                    k_packed: &planes[0],
+                    k_norms: &planes[1],
+                    v_packed: &planes[2],
+                    v_norms: &planes[3],
+                };
+                for seq in 0..batch {
+                    plain.copy_sequence(seq, sp, context, CacheMode::Global)?;
+                }
+                let (mut us, mut plain_us) = (f64::INFINITY, f64::INFINITY);
+                let (mut splits, mut variant) = (0, String::new());
+                for _ in 0..2 {
+                    let (p_us, _, _) = time_decode(&s, &mut plain, a, batch, reps, &mut flush)?;
+                    plain_us = plain_us.min(p_us);
+                    let (t, sp, v) = time_decode(&s, &mut cache, a, batch, reps, &mut flush)?;
+                    (us, splits, variant) = (us.min(t), sp, v);
+                }
                 let exact_bytes = exact.min(context) * a.kv_heads * a.head_dim * 2 * 2;
                 let packed = context.saturating_sub(exact) * l.bytes_per_token();
                 rows.push(DecodeRow {
@@ -589,6 +612,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                     bytes: batch * (packed + exact_bytes),
                     splits,
                     variant,
+                    paired_plain_us: Some(plain_us),
                 });
             }
         }
@@ -618,31 +642,31 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             r.variant
         );
     }
-    let presets: Vec<&DecodeRow> = rows.iter().filter(|r| !r.label.contains('/')).collect();
-    let plain_of = |p: &DecodeRow| {
-        rows.iter().find(|r| {
-            r.label.contains('/') && (r.batch, r.context, r.bits) == (p.batch, p.context, p.bits)
-        })
-    };
-    if presets.iter().any(|p| plain_of(p).is_some()) {
+    let presets: Vec<&DecodeRow> = rows
+        .iter()
+        .filter(|r| r.paired_plain_us.is_some())
+        .collect();
+    if !presets.is_empty() {
         println!();
-        println!("Cost of the presets' exact window, sink and centering: preset µs / plain µs at the same bits");
+        println!(
+            "Cost of the presets' exact window, sink and centering: preset µs / µs of a plain cache \
+             of the same bits and prompt, timed alternately (better of two medians each)"
+        );
         println!();
-        println!("| batch | context | preset | plain | preset µs | plain µs | preset / plain |");
+        println!("| batch | context | preset | bits | preset µs | plain µs | preset / plain |");
         println!("|---|---|---|---|---|---|---|");
         for p in presets {
-            if let Some(r) = plain_of(p) {
-                println!(
-                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.3} |",
-                    p.batch,
-                    p.context,
-                    p.label,
-                    r.label,
-                    p.us,
-                    r.us,
-                    p.us / r.us
-                );
-            }
+            let plain = p.paired_plain_us.unwrap_or(f64::NAN);
+            println!(
+                "| {} | {} | {} | {}/{} | {:.1} | {plain:.1} | {:.3} |",
+                p.batch,
+                p.context,
+                p.label,
+                p.bits.0,
+                p.bits.1,
+                p.us,
+                p.us / plain
+            );
         }
     }
     if let Some(path) = &a.json {
@@ -651,7 +675,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "batch": r.batch, "context": r.context, "k_bits": r.bits.0, "v_bits": r.bits.1,
-                    "label": r.label,
+                    "label": r.label, "paired_plain_us": r.paired_plain_us,
                     "us": r.us, "bytes": r.bytes, "splits": r.splits, "variant": r.variant,
                 })
             })
