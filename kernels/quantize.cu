@@ -122,13 +122,14 @@ struct BatchMap {
     }
 };
 
-// The quantize loop shared by both entries: p.n_vectors vectors v = j * num_kv_heads + h.
+// The quantize loop shared by the entries: p.n_vectors vectors v = j * num_kv_heads + h, over
+// blocks `block` of `nblocks` (the launch's blocks, or one side's share of them).
 template <class Map>
 __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8* __restrict__ packed,
                                                  float* __restrict__ norms, u64* __restrict__ status,
                                                  const float* __restrict__ signs,
                                                  const uint2* __restrict__ buckets, const QuantizeParams& p,
-                                                 const Map& map) {
+                                                 const Map& map, u32 block, u32 nblocks) {
     // The index lookup table (pack_index).
     __shared__ uint2 s_tab[BUCKETS];
     for (int i = threadIdx.x; i < BUCKETS; i += blockDim.x) s_tab[i] = buckets[i];
@@ -154,10 +155,10 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
     // Vector v = j * num_kv_heads + h is tracked as (j, h) and advanced without division.
     const u32 nkv = p.num_kv_heads;
     constexpr u64 PER_WARP = (u64)GROUPS * VPW;
-    const u64 stride = (u64)gridDim.x * WARPS * PER_WARP;
+    const u64 stride = (u64)nblocks * WARPS * PER_WARP;
     const Step step_next = make_step(stride, nkv);
     const Step step_group = make_step(GROUPS, nkv);
-    const u64 first = ((u64)blockIdx.x * WARPS + warp) * PER_WARP;
+    const u64 first = ((u64)block * WARPS + warp) * PER_WARP;
     u64 j_base;
     u32 h_base;
     {
@@ -247,7 +248,7 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
             u64* __restrict__ status, const float* __restrict__ signs,
             const uint2* __restrict__ buckets, const QuantizeParams p) {
     const RangeMap map = {p.skip, p.num_kv_heads, p.capacity, p.first_slot};
-    quantize_vectors(src, packed, norms, status, signs, buckets, p, map);
+    quantize_vectors(src, packed, norms, status, signs, buckets, p, map, blockIdx.x, gridDim.x);
 }
 
 // One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
@@ -261,7 +262,25 @@ tq_quantize_batch(const u8* __restrict__ src, u8* __restrict__ packed, float* __
                   const uint2* __restrict__ buckets, const u32* __restrict__ seq_lens,
                   const u32* __restrict__ ring_flags, const QuantizeParams p) {
     const BatchMap map = {seq_lens, ring_flags, p.num_kv_heads, p.capacity};
-    quantize_vectors(src, packed, norms, status, signs, buckets, p, map);
+    quantize_vectors(src, packed, norms, status, signs, buckets, p, map, blockIdx.x, gridDim.x);
+}
+
+// tq_quantize_batch for keys and values in one launch (both sides have BITS bits and IN_DTYPE
+// inputs): blocks [0, gridDim.x / 2) write the keys (pk), the others the values (pv).
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+tq_quantize_batch_kv(const u8* __restrict__ k_src, const u8* __restrict__ v_src, u8* __restrict__ k_packed,
+                     float* __restrict__ k_norms, u8* __restrict__ v_packed, float* __restrict__ v_norms,
+                     u64* __restrict__ status, const float* __restrict__ signs,
+                     const uint2* __restrict__ k_buckets, const uint2* __restrict__ v_buckets,
+                     const u32* __restrict__ seq_lens, const u32* __restrict__ ring_flags,
+                     const QuantizeParams pk, const QuantizeParams pv) {
+    const BatchMap map = {seq_lens, ring_flags, pk.num_kv_heads, pk.capacity};
+    const u32 half = gridDim.x / 2;
+    if (blockIdx.x < half)
+        quantize_vectors(k_src, k_packed, k_norms, status, signs, k_buckets, pk, map, blockIdx.x, half);
+    else
+        quantize_vectors(v_src, v_packed, v_norms, status, signs, v_buckets, pv, map, blockIdx.x - half,
+                         gridDim.x - half);
 }
 
 // Mirrors AppendParams in src/cuda/params.rs field by field.

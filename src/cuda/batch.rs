@@ -602,8 +602,9 @@ impl BatchCache {
 
     /// Appends one token to every sequence: `k` and `v` each `[num_seqs, num_kv_heads,
     /// head_dim]` (f32, f16 or bf16), token s at sequence s's next position. Plain options: one
-    /// launch per side. Otherwise one more launch first stages the position that leaves the exact
-    /// segments (as [`KvCache::append`] with one token; `k` and `v` must then share a dtype).
+    /// launch (two when the K and V bit widths or dtypes differ). Otherwise one more launch first
+    /// stages the position that leaves the exact segments (as [`KvCache::append`] with one token;
+    /// `k` and `v` must then share a dtype).
     /// Bit-identical to the CPU; asynchronous on the codec's stream. A global sequence that is
     /// full, or a centering sequence without μ that would quantize a key, is an error (nothing is
     /// written). A non-finite vector (or one the exact dtype cannot hold) is reported by
@@ -648,24 +649,14 @@ impl BatchCache {
         if self.extras.is_some() {
             return self.append_staged(k, v);
         }
-        let n = self.num_seqs;
-        self.codec.quantize_batch(
-            Side::Keys,
-            k,
-            n,
+        quantize_both(
+            &self.codec,
+            (k, v),
+            self.num_seqs,
             &self.seq_lens,
             &self.ring_flags,
-            &mut self.k_packed,
-            &mut self.k_norms,
-        )?;
-        self.codec.quantize_batch(
-            Side::Values,
-            v,
-            n,
-            &self.seq_lens,
-            &self.ring_flags,
-            &mut self.v_packed,
-            &mut self.v_norms,
+            (&mut self.k_packed, &mut self.k_norms),
+            (&mut self.v_packed, &mut self.v_norms),
         )?;
         for len in &mut self.lens {
             *len += 1;
@@ -744,23 +735,14 @@ impl BatchCache {
         drop((
             _g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, _g11, mean,
         ));
-        self.codec.quantize_batch(
-            Side::Keys,
-            &e.k_stage,
+        quantize_both(
+            &self.codec,
+            (&e.k_stage, &e.v_stage),
             n,
             &e.positions,
             &self.ring_flags,
-            &mut self.k_packed,
-            &mut self.k_norms,
-        )?;
-        self.codec.quantize_batch(
-            Side::Values,
-            &e.v_stage,
-            n,
-            &e.positions,
-            &self.ring_flags,
-            &mut self.v_packed,
-            &mut self.v_norms,
+            (&mut self.k_packed, &mut self.k_norms),
+            (&mut self.v_packed, &mut self.v_norms),
         )?;
         for (len, frontier) in self.lens.iter_mut().zip(&mut e.frontier) {
             *len += 1;
@@ -774,6 +756,27 @@ impl BatchCache {
     pub fn check_finite(&self) -> Result<()> {
         self.codec.check_finite()
     }
+}
+
+/// The batch quantize of keys and values at `positions` (one token per sequence): one launch
+/// when both sides have the same bit width and source dtype, else one per side.
+fn quantize_both(
+    codec: &CudaCodec,
+    (k, v): (&DeviceBuffer, &DeviceBuffer),
+    num_seqs: usize,
+    positions: &CudaSlice<u32>,
+    ring_flags: &CudaSlice<u32>,
+    k_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
+    v_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
+) -> Result<()> {
+    let l = codec.codec().layout();
+    if l.k_bits == l.v_bits && k.dtype() == v.dtype() {
+        return codec.quantize_batch_kv(k, v, num_seqs, positions, ring_flags, k_planes, v_planes);
+    }
+    let (kp, kn) = k_planes;
+    codec.quantize_batch(Side::Keys, k, num_seqs, positions, ring_flags, kp, kn)?;
+    let (vp, vn) = v_planes;
+    codec.quantize_batch(Side::Values, v, num_seqs, positions, ring_flags, vp, vn)
 }
 
 /// The four device planes of one sequence: packed `[num_kv_heads, capacity, row_bytes]` u8 and

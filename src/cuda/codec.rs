@@ -321,6 +321,73 @@ impl CudaCodec {
         Ok(())
     }
 
+    /// [`CudaCodec::quantize_batch`] of keys and values in one launch (`tq_quantize_batch_kv`).
+    /// Both sides must have the same bit width and both sources the same dtype (the caller
+    /// checks; otherwise it quantizes each side alone).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn quantize_batch_kv(
+        &self,
+        k_src: &DeviceBuffer,
+        v_src: &DeviceBuffer,
+        num_seqs: usize,
+        seq_lens: &CudaSlice<u32>,
+        ring_flags: &CudaSlice<u32>,
+        (k_packed, k_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
+        (v_packed, v_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
+    ) -> Result<()> {
+        let op = "cuda batch append (keys and values)";
+        let in_dtype = float_dtype(op, "k", k_src)?;
+        let l = self.codec.layout();
+        if l.k_bits != l.v_bits || v_src.dtype() != k_src.dtype() {
+            invalid!(
+                "{op}: needs equal bit widths and source dtypes, got {}/{} bits, {:?}/{:?}",
+                l.k_bits,
+                l.v_bits,
+                k_src.dtype(),
+                v_src.dtype()
+            );
+        }
+        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
+        if n_vectors == 0 || l.head_dim == 0 {
+            return Ok(());
+        }
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw);
+        let module = self.device.registry().module(self.device.context(), &key)?;
+        let f = module
+            .load_function("tq_quantize_batch_kv")
+            .map_err(|e| driver_err(&format!("{op}: loading tq_quantize_batch_kv of {key}"), e))?;
+        let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
+        let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
+        let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
+        let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
+        cfg.grid_dim.0 *= 2;
+        let mut status = self
+            .status
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(k_src.slice())
+            .arg(v_src.slice())
+            .arg(k_packed.slice_mut())
+            .arg(k_norms.slice_mut())
+            .arg(v_packed.slice_mut())
+            .arg(v_norms.slice_mut())
+            .arg(&mut *status)
+            .arg(&self.signs)
+            .arg(&tk.buckets)
+            .arg(&tv.buckets)
+            .arg(seq_lens)
+            .arg(ring_flags)
+            .arg(&pk)
+            .arg(&pv);
+        // SAFETY: the argument list matches tq_quantize_batch_kv's signature; the batch cache
+        // checked both sources' shapes and that every written slot lies inside the planes.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
+        Ok(())
+    }
+
     /// Stages one batch append of a cache with exact segments or centered keys
     /// (`tq_append_stage` in kernels/quantize.cu): writes the new tokens' exact copies, and the
     /// vectors leaving the exact segments into `p.k_stage` / `p.v_stage` with their positions in

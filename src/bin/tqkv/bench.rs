@@ -669,6 +669,47 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             );
         }
     }
+    // One decode step's append (one token per sequence, keys and values) into ring caches.
+    let mut appends = Vec::new();
+    for &batch in &a.batches {
+        let mut cells = Vec::new();
+        for &(kb, vb) in &bits {
+            let l = CacheLayout::new(a.kv_heads, a.head_dim, APPEND_CAPACITY, kb, vb)?
+                .with_mode(CacheMode::Ring);
+            let cache = BatchCache::new(dev.clone(), l, batch)?;
+            cells.push((format!("{kb}/{vb}"), time_appends(&s, cache, a, batch)?));
+        }
+        for &preset in a.presets.iter().flatten() {
+            let l = preset
+                .layout(a.kv_heads, a.head_dim, APPEND_CAPACITY)?
+                .with_mode(CacheMode::Ring);
+            let options = preset
+                .options()
+                .with_key_mean(vec![0.0; a.kv_heads * a.head_dim]);
+            let cache = BatchCache::with_options(dev.clone(), l, options, batch)?;
+            cells.push((
+                preset.name().to_string(),
+                time_appends(&s, cache, a, batch)?,
+            ));
+        }
+        appends.push((batch, cells));
+    }
+    if let Some((_, first)) = appends.first() {
+        println!();
+        println!(
+            "Append of one decode step (one token per sequence, keys and values; ring caches of \
+             {APPEND_CAPACITY} slots, f16 input): µs per call, host launch work included, \
+             {APPEND_STEPS} calls back to back"
+        );
+        println!();
+        let names: Vec<&str> = first.iter().map(|c| c.0.as_str()).collect();
+        println!("| batch | {} |", names.join(" | "));
+        println!("|---|{}", "---|".repeat(names.len()));
+        for (batch, cells) in &appends {
+            let us: Vec<String> = cells.iter().map(|c| format!("{:.1}", c.1)).collect();
+            println!("| {batch} | {} |", us.join(" | "));
+        }
+    }
     if let Some(path) = &a.json {
         let rows: Vec<serde_json::Value> = rows
             .iter()
@@ -731,6 +772,38 @@ fn time_decode(
         )));
     }
     Ok((us, splits, variant))
+}
+
+/// Slots of the ring caches `bench decode` times appends on.
+const APPEND_CAPACITY: usize = 4096;
+/// Appends timed back to back (after as many warm-up appends).
+const APPEND_STEPS: usize = 200;
+
+/// Mean µs of one [`BatchCache::append`] (one f16 token per sequence), wall time between two
+/// events around `APPEND_STEPS` calls: the launches and the host's per-call work.
+fn time_appends(
+    s: &Arc<CudaStream>,
+    mut cache: BatchCache,
+    a: &DecodeArgs,
+    batch: usize,
+) -> Result<f64> {
+    let n = batch * a.kv_heads * a.head_dim;
+    let k = DeviceBuffer::from_src(s, Src::F16(&input(n, 3)))?;
+    let v = DeviceBuffer::from_src(s, Src::F16(&input(n, 4)))?;
+    let ctx = s.context();
+    let ev = |e| TqError::Cuda(format!("bench: event: {e}"));
+    let (start, end) = (new_event(ctx)?, new_event(ctx)?);
+    for _ in 0..APPEND_STEPS {
+        cache.append(&k, &v)?;
+    }
+    start.record(s).map_err(ev)?;
+    for _ in 0..APPEND_STEPS {
+        cache.append(&k, &v)?;
+    }
+    end.record(s).map_err(ev)?;
+    end.synchronize().map_err(ev)?;
+    cache.check_finite()?;
+    Ok(start.elapsed_ms(&end).map_err(ev)? as f64 * 1e3 / APPEND_STEPS as f64)
 }
 
 /// A CPU cache with `preset`'s options holding a `context`-token prompt (the inputs of
