@@ -413,7 +413,7 @@ struct SeqCtx {
     const u8* vp;
     const float* kn;
     const float* vn;
-    u32 end, cap;
+    u32 begin, end, cap; // positions [begin, end) attend; tiles start at multiples of TILE
     bool ring;
 };
 
@@ -870,7 +870,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
     if (p.sinks > start) start = p.sinks;
     if (start > end) start = end;
-    const u32 ntiles = (end - start + TILE - 1) / TILE;
+    // Tiles start on TILE-position boundaries (whole sectors of rows and norms); the positions
+    // before `begin` in the first tile are masked.
+    const u32 begin = start;
+    start -= start % TILE;
+    const u32 ntiles = begin < end ? (end - start + TILE - 1) / TILE : 0;
     const u32 per = (ntiles + packed_splits - 1) / packed_splits;
     const u32 t_begin = split * per < ntiles ? split * per : ntiles;
     const u32 t_end = t_begin + per < ntiles ? t_begin + per : ntiles;
@@ -896,6 +900,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         s.vp = (const u8*)p.v_packed + head_slot0 * VS::ROW;
         s.kn = (const float*)p.k_norms + head_slot0 * NB;
         s.vn = (const float*)p.v_norms + head_slot0 * NB;
+        s.begin = begin;
         s.end = end;
         s.cap = p.capacity;
         s.ring = ring;
@@ -1050,7 +1055,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 }
                 x *= LOG2E;
                 const u32 pos = pos0 + g + 8 * r;
-                t[r][h] = pos < s.end ? x : -__int_as_float(0x7f800000);
+                t[r][h] = pos >= s.begin && pos < s.end ? x : -__int_as_float(0x7f800000);
                 mt[h] = fmaxf(mt[h], t[r][h]);
             }
         float corr[2], pr[2][2];
@@ -1169,7 +1174,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             }
             x *= LOG2E;
             const u32 pos = pos0 + 8 * n + 2 * c + j;
-            t[r] = pos < s.end ? x : -__int_as_float(0x7f800000);
+            t[r] = pos >= s.begin && pos < s.end ? x : -__int_as_float(0x7f800000);
             mt = fmaxf(mt, t[r]);
         }
         mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
