@@ -7,8 +7,8 @@ max|out - ref| / max|ref|, ref rounded to the output dtype; zero-length sequence
 zeros. Outputs are poisoned with NaN before every launch.
 
 Bench: PyTorch scaled_dot_product_attention on bf16 K/V (cuDNN and flash backends, enable_gqa)
-against the kernel on the same shapes, CUDA events, L2 flushed (256 MB write) before every call,
-median of --reps.
+against the kernel on the same shapes, CUDA events, L2 flushed (256 MB write, or with --flush read
+a 256 MB read) before every call, median of --reps.
 
 Usage (on the GPU machine): python3 decode_vs_torch.py [--check] [--bench] [--out DIR]
 Needs torch and cupy; compiles the kernel with NVRTC (ctypes) for sm_90a, loads it with cupy.
@@ -395,13 +395,25 @@ def graphed(fn):
         return fn, f"eager ({type(e).__name__})"
 
 
+FLUSH_MODE = "write"
+
+
+def flush_l2(flush):
+    """Empties the L2 before a timed call: "write" zeroes the 256 MB buffer (leaving the L2 full
+    of dirty lines, whose write-back the timed call pays), "read" reads it (clean lines)."""
+    if FLUSH_MODE == "read":
+        flush.sum()
+    else:
+        flush.zero_()
+
+
 def time_cuda(fn, reps, flush):
     import statistics
     for _ in range(3):
         fn()
     ts = []
     for _ in range(reps):
-        flush.zero_()
+        flush_l2(flush)
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
@@ -508,7 +520,7 @@ def bench(src, args, log):
     if args.json:
         import json
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(0), copy_gbs=copy_bw, torch=torch.__version__,
+            json.dump(dict(device=torch.cuda.get_device_name(0), copy_gbs=copy_bw, torch=torch.__version__, flush=FLUSH_MODE,
                            rows=[dict(batch=r["B"], context=r["L"], side=r["side"], us=r["us"], bytes=r["bytes"])
                                  for r in rows if r["speedup"] is None]), f)
     log("")
@@ -562,8 +574,12 @@ def main():
     ap.add_argument("--contexts", default="4096,16384,65536")
     ap.add_argument("--sdpa-only", action="store_true", help="--bench times only the PyTorch baseline")
     ap.add_argument("--json", default="", help="--bench writes the baseline rows here")
+    ap.add_argument("--flush", choices=("write", "read"), default="write",
+                    help="L2 flush before each timed call: a 256 MB write (default) or read")
     ap.add_argument("--table", nargs=2, metavar=("SDPA_JSON", "TQKV_JSON"), help="print the speed-up table")
     args = ap.parse_args()
+    global FLUSH_MODE
+    FLUSH_MODE = args.flush
     if args.table:
         table(args.table[0], args.table[1], print)
         return

@@ -87,6 +87,9 @@ pub struct DecodeParams {
     pub pv_scale: f32,
     /// `1 / scale_factor_d512` (head_dim > 256).
     pub inv_sf: f32,
+    /// u32 `[num_seqs, num_kv_heads]` split counters of the last-block merge, zero between
+    /// launches (the last block of each pair resets its counter); unused without `MERGE_LAST`.
+    pub counters: u64,
 }
 
 // SAFETY: plain-old-data structs with the C layout of their CUDA mirrors.
@@ -104,8 +107,8 @@ mod tests {
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
-        // kernels/decode_attention.cu: 13 u64, 6 u32, 4 f32 (its tq_decode_params_bytes).
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 144);
+        // kernels/decode_attention.cu: 13 u64, 6 u32, 4 f32, 1 u64 (its tq_decode_params_bytes).
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 152);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
     }
 }
