@@ -133,10 +133,10 @@ fn dtype_code(d: DType) -> i64 {
 }
 
 /// The default variant: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
-/// v4/v5): transposed products and the last-block merge everywhere; 8/8 with 4 warps, 2 stages,
-/// byte-field tables off (3 blocks per SM); other bits 8 warps, 2 stages, 2 blocks per SM with
-/// byte-field tables. Head dims above 128 need more registers, so they ask for one block of 4
-/// warps.
+/// v4/v5): transposed products, the last-block merge and row-order V stages (where they apply)
+/// everywhere; 8/8 with 4 warps, 2 stages, byte-field tables off (3 blocks per SM); other bits 8
+/// warps, 2 stages, 2 blocks per SM with byte-field tables. Head dims above 128 need more
+/// registers, so they ask for one block of 4 warps.
 fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
     let (warps, min_blocks, lut256) = if head_dim > 128 {
         (4, 1, true)
@@ -152,7 +152,7 @@ fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
         lut256,
         trans: true,
         merge_last: true,
-        vrows: false,
+        vrows: true,
     }
 }
 
@@ -548,7 +548,8 @@ mod tests {
         assert_eq!(sm(variant(4, 2, 64)), (8, 2, 2, true, true));
         assert_eq!(sm(variant(4, 4, 256)), (4, 2, 1, true, true));
         for (kb, vb, d) in [(8, 8, 128), (4, 4, 128), (4, 2, 64), (4, 4, 256)] {
-            assert!(variant(kb, vb, d).merge_last, "{kb}/{vb} d={d}");
+            let v = variant(kb, vb, d);
+            assert!(v.merge_last && v.vrows, "{kb}/{vb} d={d}");
         }
     }
 
