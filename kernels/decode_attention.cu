@@ -724,46 +724,70 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
         if (lane == 0) mx_h[h] = m;
     }
     __syncthreads();
-    // Elements tid + e * THREADS in chunks of PER, the splits outermost within a chunk so that the
-    // chunk's loads of a split are in flight together (each element sums over the splits in
-    // tq_decode_merge's order).
-    constexpr int ALL = (GQA * D + THREADS - 1) / THREADS;
-    constexpr int PER = ALL < 4 ? ALL : 4;
+    if constexpr (THREADS >= 256) {
+        // Blocks of 8 or more warps: one element at a time.
+        for (u32 i = tid; i < GQA * D; i += THREADS) {
+            const u32 h = i / D, d = i % D;
+            const float mx = mx_h[h];
+            float acc = 0.0f, l = 0.0f;
+            if (mx != ninf) {
+#pragma unroll 8
+                for (u32 sp = 0; sp < p.num_splits; ++sp) {
+                    const u64 k = base + sp * GQA + h;
+                    const float ms = ld_cg(part_ml + 2 * k);
+                    const float ls = ld_cg(part_ml + 2 * k + 1);
+                    const float os = ld_cg(part_o + k * D + d);
+                    if (ms == ninf) continue;
+                    const float f = ex2(ms - mx);
+                    l += f * ls;
+                    acc += f * os;
+                }
+            }
+            x[i] = l > 0.0f ? acc / (l * p.pv_scale) : 0.0f;
+        }
+    } else {
+        // Smaller blocks: elements tid + e * THREADS in chunks of PER, the splits outermost within a
+        // chunk so that the chunk's loads of a split are in flight together (each element still
+        // sums over the splits in tq_decode_merge's order). Not used for larger blocks: the
+        // arrays cost the token loop registers there (measured, bench/NOTES-decode.md v5).
+        constexpr int ALL = (GQA * D + THREADS - 1) / THREADS;
+        constexpr int PER = ALL < 4 ? ALL : 4;
 #pragma unroll 1
-    for (int e0 = 0; e0 < ALL; e0 += PER) {
-        float acc[PER], l[PER], mx[PER];
-        u64 at[PER];
-        u32 col[PER];
+        for (int e0 = 0; e0 < ALL; e0 += PER) {
+            float acc[PER], l[PER], mx[PER];
+            u64 at[PER];
+            u32 col[PER];
 #pragma unroll
-        for (int e = 0; e < PER; ++e) {
-            const u32 i0 = tid + (e0 + e) * THREADS, i = i0 < GQA * D ? i0 : 0;
-            acc[e] = l[e] = 0.0f;
-            mx[e] = mx_h[i / D];
-            at[e] = base + i / D; // + sp * GQA: the (split, head) partial
-            col[e] = i % D;
-        }
+            for (int e = 0; e < PER; ++e) {
+                const u32 i0 = tid + (e0 + e) * THREADS, i = i0 < GQA * D ? i0 : 0;
+                acc[e] = l[e] = 0.0f;
+                mx[e] = mx_h[i / D];
+                at[e] = base + i / D; // + sp * GQA: the (split, head) partial
+                col[e] = i % D;
+            }
 #pragma unroll 2
-        for (u32 sp = 0; sp < p.num_splits; ++sp) {
-            float ms[PER], ls[PER], os[PER];
+            for (u32 sp = 0; sp < p.num_splits; ++sp) {
+                float ms[PER], ls[PER], os[PER];
 #pragma unroll
-            for (int e = 0; e < PER; ++e) {
-                const u64 k = at[e] + (u64)sp * GQA;
-                ms[e] = ld_cg(part_ml + 2 * k);
-                ls[e] = ld_cg(part_ml + 2 * k + 1);
-                os[e] = ld_cg(part_o + k * D + col[e]);
+                for (int e = 0; e < PER; ++e) {
+                    const u64 k = at[e] + (u64)sp * GQA;
+                    ms[e] = ld_cg(part_ml + 2 * k);
+                    ls[e] = ld_cg(part_ml + 2 * k + 1);
+                    os[e] = ld_cg(part_o + k * D + col[e]);
+                }
+#pragma unroll
+                for (int e = 0; e < PER; ++e) {
+                    if (mx[e] == ninf || ms[e] == ninf) continue;
+                    const float f = ex2(ms[e] - mx[e]);
+                    l[e] += f * ls[e];
+                    acc[e] += f * os[e];
+                }
             }
 #pragma unroll
             for (int e = 0; e < PER; ++e) {
-                if (mx[e] == ninf || ms[e] == ninf) continue;
-                const float f = ex2(ms[e] - mx[e]);
-                l[e] += f * ls[e];
-                acc[e] += f * os[e];
+                const u32 i = tid + (e0 + e) * THREADS;
+                if (i < GQA * D) x[i] = l[e] > 0.0f ? acc[e] / (l[e] * p.pv_scale) : 0.0f;
             }
-        }
-#pragma unroll
-        for (int e = 0; e < PER; ++e) {
-            const u32 i = tid + (e0 + e) * THREADS;
-            if (i < GQA * D) x[i] = l[e] > 0.0f ? acc[e] / (l[e] * p.pv_scale) : 0.0f;
         }
     }
     __syncthreads();
