@@ -23,7 +23,10 @@ import tempfile
 
 import nvidia
 
-CU = os.path.join(list(nvidia.__path__)[0], "cu13")
+# NVRTC and ptxas from pip's nvidia/cu13 (TQ_NVRTC_DIR: another such folder, e.g. the 13.0 wheels
+# the device's driver matches; its lib/ must also be on LD_LIBRARY_PATH).
+CU = os.environ.get("TQ_NVRTC_DIR") or os.path.join(list(nvidia.__path__)[0], "cu13")
+NVDISASM = os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "nvdisasm")
 ENTRY = {"quantize": "tq_quantize", "dequantize": "tq_dequantize", "decode_attention": "tq_decode_split"}
 # decode_attention.cu stands alone; the codec kernels follow kernels/common.cu.
 FILES = {"decode_attention": ("decode_attention.cu",)}
@@ -64,7 +67,7 @@ def main():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     with tempfile.TemporaryDirectory() as work:
         cubin, info = compile_cubin(root, family, defines, work)
-        sass = subprocess.run([os.path.join(CU, "bin", "nvdisasm"), "-c", cubin], capture_output=True,
+        sass = subprocess.run([NVDISASM, "-c", cubin], capture_output=True,
                               text=True, check=True).stdout
     sass = sass.split(".text.%s:" % entry)[1].split("//----")[0]
     resources = re.search(r"Function properties for %s\n(.*?)\n.*?(Used .*?)\n" % entry, info, re.S)
