@@ -5,9 +5,9 @@
 //! num_seqs)`, flash-decoding partial states per split); the last block of each (sequence, kv
 //! head) to finish merges its splits (log-sum-exp, inverse rotation, output dtype). Variants
 //! without the last-block merge launch `tq_decode_merge` (grid `(num_heads, num_seqs)`) for it
-//! instead. The result
-//! matches [`crate::cpu::attention()`] of the same cache within the f16 rounding of the kernel's
-//! tensor-core operands (~2e-3 relative L2 over an output, see bench/NOTES-decode.md).
+//! instead, with bit-identical results. The result matches [`crate::cpu::attention()`] of the
+//! same cache within the f16 rounding of the kernel's tensor-core operands (~2e-3 relative L2
+//! over an output, see bench/NOTES-decode.md).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
