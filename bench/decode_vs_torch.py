@@ -7,8 +7,8 @@ max|out - ref| / max|ref|, ref rounded to the output dtype; zero-length sequence
 zeros. Outputs are poisoned with NaN before every launch.
 
 Bench: PyTorch scaled_dot_product_attention on bf16 K/V (cuDNN and flash backends, enable_gqa)
-against the kernel on the same shapes, CUDA events, L2 flushed (256 MB write) before every call,
-median of --reps.
+against the kernel on the same shapes, CUDA events, L2 flushed (256 MB write, or with --flush read
+a 256 MB read) before every call, median of --reps.
 
 Usage (on the GPU machine): python3 decode_vs_torch.py [--check] [--bench] [--out DIR]
 Needs torch and cupy; compiles the kernel with NVRTC (ctypes) for sm_90a, loads it with cupy.
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SEED = 0x7451_4B56_5345_4544
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# struct DecodeParams: 13 u64, 6 u32, 4 f32, then the exact-segment fields 6 u64, 4 u32 (208 bytes;
-# this harness times plain caches: the latter are all zero)
-PARAMS_FMT = "<13Q6I4f6Q4I"
+# struct DecodeParams: 13 u64, 6 u32, 4 f32, the exact-segment fields 6 u64, 4 u32, counters u64 (216 bytes;
+# this harness times plain caches with two launches: the last 11 are all zero)
+PARAMS_FMT = "<13Q6I4f6Q4IQ"
 
 
 def find_file(*cands):
@@ -207,7 +207,7 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))
@@ -397,13 +397,25 @@ def graphed(fn):
         return fn, f"eager ({type(e).__name__})"
 
 
+FLUSH_MODE = "write"
+
+
+def flush_l2(flush):
+    """Empties the L2 before a timed call: "write" zeroes the 256 MB buffer (leaving the L2 full
+    of dirty lines, whose write-back the timed call pays), "read" reads it (clean lines)."""
+    if FLUSH_MODE == "read":
+        flush.sum()
+    else:
+        flush.zero_()
+
+
 def time_cuda(fn, reps, flush):
     import statistics
     for _ in range(3):
         fn()
     ts = []
     for _ in range(reps):
-        flush.zero_()
+        flush_l2(flush)
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
@@ -510,7 +522,7 @@ def bench(src, args, log):
     if args.json:
         import json
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(0), copy_gbs=copy_bw, torch=torch.__version__,
+            json.dump(dict(device=torch.cuda.get_device_name(0), copy_gbs=copy_bw, torch=torch.__version__, flush=FLUSH_MODE,
                            rows=[dict(batch=r["B"], context=r["L"], side=r["side"], us=r["us"], bytes=r["bytes"])
                                  for r in rows if r["speedup"] is None]), f)
     log("")
@@ -566,8 +578,12 @@ def main():
     ap.add_argument("--contexts", default="4096,16384,65536")
     ap.add_argument("--sdpa-only", action="store_true", help="--bench times only the PyTorch baseline")
     ap.add_argument("--json", default="", help="--bench writes the baseline rows here")
+    ap.add_argument("--flush", choices=("write", "read"), default="write",
+                    help="L2 flush before each timed call: a 256 MB write (default) or read")
     ap.add_argument("--table", nargs=2, metavar=("SDPA_JSON", "TQKV_JSON"), help="print the speed-up table")
     args = ap.parse_args()
+    global FLUSH_MODE
+    FLUSH_MODE = args.flush
     if args.table:
         table(args.table[0], args.table[1], print)
         return

@@ -5,7 +5,7 @@
 # rust: the PyTorch SDPA baseline (decode_vs_torch.py --sdpa-only), then `tqkv bench decode`
 #   (the Rust launch; binary $TQKV, default ../tqkv beside this folder as in gpu-bundle/), then
 #   the speed-up table of the two. Same shapes: 32 query heads, 8 kv heads, head_dim 128,
-#   batch $BATCHES, context $CONTEXTS, bits 8/8, 4/4, 4/2.
+#   batch $BATCHES, context $CONTEXTS, bits 8/8, 4/4, 4/2, L2 flush $FLUSH (write or read).
 # Writes logs under $OUT (or ./out-decode).
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -18,6 +18,7 @@ TQKV=${TQKV:-$here/../tqkv}
 BATCHES=${BATCHES:-1,8,32}
 CONTEXTS=${CONTEXTS:-4096,16384,65536}
 REPS=${REPS:-30}
+FLUSH=${FLUSH:-write} # L2 flush before each timed call: write (256 MB memset) or read
 status=0
 for step in "$@"; do
   case $step in
@@ -34,10 +35,10 @@ for step in "$@"; do
     bench) python3 decode_vs_torch.py --bench --variants "$VARIANTS" --out "$OUT" 2>&1 ;;
     rust)
       echo "== PyTorch SDPA baseline"
-      python3 decode_vs_torch.py --bench --sdpa-only --json "$OUT/sdpa.json" --reps "$REPS" \
+      python3 decode_vs_torch.py --bench --sdpa-only --flush "$FLUSH" --json "$OUT/sdpa.json" --reps "$REPS" \
         --batches "$BATCHES" --contexts "$CONTEXTS" --out "$OUT" 2>&1 | grep -v "^|" || status=1
       echo "== tqkv bench decode"
-      "$TQKV" bench decode --json "$OUT/tqkv.json" --reps "$REPS" --batches "$BATCHES" \
+      "$TQKV" bench decode --flush "$FLUSH" --json "$OUT/tqkv.json" --reps "$REPS" --batches "$BATCHES" \
         --contexts "$CONTEXTS" --bits 8/8,4/4,4/2 2>&1 || status=1
       echo "== speed-up of tqkv (Rust launch) over the best bf16 SDPA backend"
       python3 decode_vs_torch.py --table "$OUT/sdpa.json" "$OUT/tqkv.json" || status=1 ;;

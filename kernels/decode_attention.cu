@@ -15,6 +15,9 @@
 //                    With exact segments (p.exact = 1) the packed blocks are num_splits-1 per
 //                    (sequence, KV head) and grid z-slices past num_seqs hold one exact block per
 //                    (sequence, KV head) (exact_block), which writes slot num_splits-1.
+//                    With MERGE_LAST the last block of each (sequence, KV head) to finish
+//                    (an atomic counter per pair in p.counters) merges the pair's partials
+//                    itself (merge_pair) and tq_decode_merge is not launched.
 //   tq_decode_merge  grid (num_kv_heads*GQA, num_seqs), block HEAD_DIM threads: log-sum-exp merge
 //                    of the splits, normalization, inverse rotation, output in DTYPE.
 //
@@ -38,7 +41,9 @@
 // per KV head), DTYPE (0 f32, 1 f16, 2 bf16: queries and output), WARPS (warps per block),
 // STAGES (tiles per warp in the shared-memory pipeline: STAGES-1 tiles of loads in flight),
 // MIN_BLOCKS (resident blocks per SM the register allocation must allow), LUT256 (0/1: byte-field
-// tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products).
+// tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products),
+// MERGE_LAST (0/1: the splits are merged by the last block of each pair, one launch), VROWS
+// (0/1: the V stage in row order where it applies, see V_ROWS).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
@@ -71,6 +76,12 @@
 #ifndef TRANS
 #define TRANS 0
 #endif
+#ifndef MERGE_LAST
+#define MERGE_LAST 0
+#endif
+#ifndef VROWS
+#define VROWS 0
+#endif
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -78,7 +89,7 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 /// Kernel parameters, passed by value. Pointers are device addresses (u64); the Rust side mirrors
-/// this struct field by field (#[repr(C)], 144 bytes).
+/// this struct field by field (#[repr(C)], 152 bytes).
 struct DecodeParams {
     u64 q;          // [num_seqs][num_kv_heads*GQA][HEAD_DIM] DTYPE
     u64 out;        // same shape and dtype
@@ -114,6 +125,7 @@ struct DecodeParams {
     u32 window_len; // exact recent-window slots
     u32 exact;      // 1: slot num_splits-1 of each (sequence, KV head) is its exact block's (grid z >= num_seqs)
     u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
+    u64 counters;   // u32 [num_seqs][num_kv_heads], zero between launches (MERGE_LAST; else unused)
 };
 
 // ---------------------------------------------------------------- compile-time geometry
@@ -227,6 +239,13 @@ constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 2 * WARPS * 8 + 8;
 
 constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
 constexpr int SMEM_WORDS = SMEM_WORDS0 > EXACT_WORDS ? SMEM_WORDS0 : EXACT_WORDS;
+static_assert(SMEM_WORDS > GQA * D + GQA, "merge_pair's buffer and merge_if_last's flag");
+// V stage in row order (VROWS, one-byte indices at HEAD_DIM 128: 128-byte rows of eight 16-byte
+// chunks): token t's chunk q at ST_V + t * 128 + (q ^ (t & 6)) * 16, so the tile's loads copy
+// whole rows (four rows per warp instruction, each 32-byte sector landing whole and aligned) and
+// the readers (lanes g*4 + c read chunk g of token 2c + ...) stay conflict-free. The lane-chunk
+// layout instead scatters every row's sectors into 16-byte pieces 64 bytes apart.
+constexpr bool V_ROWS = VROWS && ASYNC && NB == 1 && !HOLES && VCH == 16 && VNCH == 1 && VS::ROW == 8 * VCH;
 
 /// Dynamic shared memory bytes tq_decode_split needs (read by the host).
 extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
@@ -443,14 +462,22 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
                 for (int k = 0; k < KNCH; ++k)
                     cp_async<KCH>(st + PSC * (ST_K + ((n * NB + b) * KNCH + k) * 32 * KCH) + pl.k,
                                   kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k));
+        if constexpr (V_ROWS) {
+            // instruction j: tokens 4j + (lane >> 3), chunk lane & 7
+            const u32 tl = lane >> 3, q = lane & 7, sw = tl * 128 + ((q ^ (tl & 2)) * 16);
+            const u8* vr0 = s.vp + (u64)(slot0 + tl) * VS::ROW + q * 16;
 #pragma unroll
-        for (int r = 0; r < 4; ++r)
+            for (int j = 0; j < 4; ++j) cp_async<16>(st + ST_V + 512 * j + ((j & 1) ? sw ^ 64 : sw), vr0 + 4 * j * VS::ROW);
+        } else {
 #pragma unroll
-            for (int b = 0; b < NB; ++b)
+            for (int r = 0; r < 4; ++r)
 #pragma unroll
-                for (int k = 0; k < VNCH; ++k)
-                    cp_async<VCH>(st + PSC * (ST_V + ((r * NB + b) * VNCH + k) * 32 * VCH) + pl.v,
-                                  vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
+                for (int b = 0; b < NB; ++b)
+#pragma unroll
+                    for (int k = 0; k < VNCH; ++k)
+                        cp_async<VCH>(st + PSC * (ST_V + ((r * NB + b) * VNCH + k) * 32 * VCH) + pl.v,
+                                      vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
+        }
 #pragma unroll
         for (int i0 = 0; i0 < 2 * TILE * NB; i0 += 32) {
             const u32 i = i0 + lane;
@@ -483,6 +510,11 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         u32 pos = pos0 + 2 * c + (r & 1) + 8 * (r >> 1);
         pos = pos < last ? pos : last;
         const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW;
+        if constexpr (V_ROWS) {
+            const u32 t = 2 * c + (r & 1) + 8 * (r >> 1);
+            cp_async<16>(st + ST_V + t * 128 + ((g ^ (2 * c)) * 16), row + g * 16);
+            continue;
+        }
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 dst = st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH) + pl.v;
@@ -517,10 +549,16 @@ __device__ __forceinline__ void read_tile(const u8* st, const PipeLane& pl, u32 
     for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int b = 0; b < NB; ++b) read_chunks<KCH, KNCH>(st + PSC * (ST_K + (n * NB + b) * KNCH * 32 * KCH), pl.k, t.k[n][b]);
+    if constexpr (V_ROWS) {
+        const u32 h = 2 * c * 128 + ((g ^ (2 * c)) * 16); // token 2c + (r & 1) + 8 (r >> 1), chunk g
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+        for (int r = 0; r < 4; ++r) read_chunks<16, 1>(st + ST_V + ((r & 1) + 8 * (r >> 1)) * 128, h, t.v[r][0]);
+    } else {
 #pragma unroll
-        for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH), pl.v, t.v[r][b]);
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int b = 0; b < NB; ++b) read_chunks<VCH, VNCH>(st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH), pl.v, t.v[r][b]);
+    }
     const float* nrm = (const float*)(st + PSC * ST_N); // HOLES: NB == 1, the 128 norm bytes in one row
 #pragma unroll
     for (int r = 0; r < NRM; ++r) {
@@ -633,6 +671,175 @@ __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b
     }
 }
 
+/// Fills a lane-replicated f16 codebook table (layout above: entry e of lane l at word e*32 + l,
+/// or with P8 at word e*64 + l) from the f32 codebook `cb` [1 << BITS]: one global load per lane,
+/// the entries by shuffles, warp w writing entries w, w + WARPS, ... (no barrier inside).
+template <int BITS, bool P8>
+__device__ __forceinline__ void fill_table(u32* tab, const float* cb, u32 warp, u32 lane) {
+    typedef Side<BITS> S;
+    if constexpr (S::PAIR) {
+        const float x = cb[lane & ((1u << BITS) - 1)];
+        for (u32 e = warp; e < (u32)S::ENTRIES; e += WARPS) {
+            const float lo = __shfl_sync(0xffffffffu, x, e & ((1u << BITS) - 1));
+            const float hi = __shfl_sync(0xffffffffu, x, e >> BITS);
+            tab[(P8 ? e * 64 : e * 32) + lane] = pack_h2(lo, hi);
+        }
+    } else {
+        constexpr int NX = S::ENTRIES / 32;
+        float x[NX];
+#pragma unroll
+        for (int j = 0; j < NX; ++j) x[j] = cb[32 * j + lane];
+#pragma unroll
+        for (int j = 0; j < NX; ++j)
+            for (u32 e = warp; e < 32; e += WARPS) {
+                const u32 row = 32 * j + e;
+                tab[(P8 ? row * 64 : row * 32) + lane] = (u32)f32_to_f16(__shfl_sync(0xffffffffu, x[j], e));
+            }
+    }
+}
+
+/// In-place unnormalized FWHT of ROWS rows of D floats in shared memory (butterflies
+/// x[j], x[j+h] <- x[j] + x[j+h], x[j] - x[j+h] for h = 1, 2, .., D/2), by the whole block; a
+/// barrier after each stage (the caller's writes of x must be behind a barrier).
+template <int ROWS = GQA>
+__device__ __forceinline__ void fwht_rows(float* x) {
+#pragma unroll 1
+    for (u32 h = 1; h < D; h <<= 1) {
+        for (u32 i = threadIdx.x; i < ROWS * D / 2; i += THREADS) {
+            const u32 r = i / (D / 2), k = i % (D / 2);
+            const u32 j = r * D + ((k & ~(h - 1)) << 1) + (k & (h - 1));
+            const float a = x[j], b = x[j + h];
+            x[j] = a + b;
+            x[j + h] = a - b;
+        }
+        __syncthreads();
+    }
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+/// Log-sum-exp merge of the num_splits partials of (seq, kvh) for its GQA query heads,
+/// normalization, inverse rotation o = D H x / sqrt(d), output in DTYPE: the work of
+/// tq_decode_merge for one (sequence, KV head), by one block, in the same order (bit-identical).
+/// Partials are read through L2 (other blocks wrote them). `sm` holds GQA * D + GQA floats
+/// (SMEM_WORDS > GQA * D + GQA: the last word stays free for merge_if_last's flag).
+__device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u64 base = ((u64)seq * p.num_kv_heads + kvh) * p.num_splits * GQA; // + split * GQA + h
+    const float* part_o = (const float*)p.part_o;
+    const float* part_ml = (const float*)p.part_ml;
+    const float ninf = -__int_as_float(0x7f800000);
+    float* x = sm;             // [GQA][D]
+    float* mx_h = sm + GQA * D; // [GQA] max over the splits
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        float m = ninf;
+        for (u32 sp = lane; sp < p.num_splits; sp += 32) m = fmaxf(m, ld_cg(part_ml + 2 * (base + sp * GQA + h)));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) mx_h[h] = m;
+    }
+    __syncthreads();
+    if constexpr (THREADS >= 256) {
+        // Blocks of 8 or more warps: one element at a time.
+        for (u32 i = tid; i < GQA * D; i += THREADS) {
+            const u32 h = i / D, d = i % D;
+            const float mx = mx_h[h];
+            float acc = 0.0f, l = 0.0f;
+            if (mx != ninf) {
+#pragma unroll 8
+                for (u32 sp = 0; sp < p.num_splits; ++sp) {
+                    const u64 k = base + sp * GQA + h;
+                    const float ms = ld_cg(part_ml + 2 * k);
+                    const float ls = ld_cg(part_ml + 2 * k + 1);
+                    const float os = ld_cg(part_o + k * D + d);
+                    if (ms == ninf) continue;
+                    const float f = ex2(ms - mx);
+                    l += f * ls;
+                    acc += f * os;
+                }
+            }
+            x[i] = l > 0.0f ? acc / (l * p.pv_scale) : 0.0f;
+        }
+    } else {
+        // Smaller blocks: elements tid + e * THREADS in chunks of PER, the splits outermost within a
+        // chunk so that the chunk's loads of a split are in flight together (each element still
+        // sums over the splits in tq_decode_merge's order). Not used for larger blocks: the
+        // arrays cost the token loop registers there (measured, bench/NOTES-decode.md v5).
+        constexpr int ALL = (GQA * D + THREADS - 1) / THREADS;
+        constexpr int PER = ALL < 4 ? ALL : 4;
+#pragma unroll 1
+        for (int e0 = 0; e0 < ALL; e0 += PER) {
+            float acc[PER], l[PER], mx[PER];
+            u64 at[PER];
+            u32 col[PER];
+#pragma unroll
+            for (int e = 0; e < PER; ++e) {
+                const u32 i0 = tid + (e0 + e) * THREADS, i = i0 < GQA * D ? i0 : 0;
+                acc[e] = l[e] = 0.0f;
+                mx[e] = mx_h[i / D];
+                at[e] = base + i / D; // + sp * GQA: the (split, head) partial
+                col[e] = i % D;
+            }
+#pragma unroll 2
+            for (u32 sp = 0; sp < p.num_splits; ++sp) {
+                float ms[PER], ls[PER], os[PER];
+#pragma unroll
+                for (int e = 0; e < PER; ++e) {
+                    const u64 k = at[e] + (u64)sp * GQA;
+                    ms[e] = ld_cg(part_ml + 2 * k);
+                    ls[e] = ld_cg(part_ml + 2 * k + 1);
+                    os[e] = ld_cg(part_o + k * D + col[e]);
+                }
+#pragma unroll
+                for (int e = 0; e < PER; ++e) {
+                    if (mx[e] == ninf || ms[e] == ninf) continue;
+                    const float f = ex2(ms[e] - mx[e]);
+                    l[e] += f * ls[e];
+                    acc[e] += f * os[e];
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < PER; ++e) {
+                const u32 i = tid + (e0 + e) * THREADS;
+                if (i < GQA * D) x[i] = l[e] > 0.0f ? acc[e] / (l[e] * p.pv_scale) : 0.0f;
+            }
+        }
+    }
+    __syncthreads();
+    fwht_rows(x);
+    const float* signs = (const float*)p.signs;
+    qtype* out = (qtype*)p.out + ((u64)seq * p.num_kv_heads + kvh) * GQA * D;
+    for (u32 i = tid; i < GQA * D; i += THREADS) store_o(out + i, x[i] * INV_SQRT_D * signs[i % D]);
+}
+
+/// End of every tq_decode_split block (all threads, after the block's partial is written): with
+/// MERGE_LAST, the last block of its (sequence, KV head) to finish (a counter per pair, reset to 0
+/// by that block for the next launch) merges the pair's partials (merge_pair); without it,
+/// tq_decode_merge does that in a second launch.
+/// The flag lives in the last word of the dynamic shared memory (no static shared memory: it
+/// would move the dynamic base off its 128-byte alignment).
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, u32 seq, u32 kvh, u32* smem) {
+#if MERGE_LAST
+    volatile u32* is_last = smem + SMEM_WORDS - 1;
+    __threadfence(); // this thread's partial is visible device-wide before the count
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* cnt = (u32*)p.counters + (u64)seq * p.num_kv_heads + kvh;
+        const u32 last = atomicAdd(cnt, 1u) == p.num_splits - 1;
+        if (last) *cnt = 0;
+        *is_last = last;
+    }
+    __syncthreads();
+    if (!*is_last) return;
+    __threadfence();
+    merge_pair(p, seq, kvh, (float*)smem);
+#endif
+}
+
 // ---------------------------------------------------------------- the exact block
 
 constexpr int EL = D / 32;   // dims per lane in the exact block: lane l holds [l * EL, l * EL + EL)
@@ -698,7 +905,7 @@ __device__ __forceinline__ void load_exact_chunk(const ExactRows& r, u32 t0, u32
 /// t % WARPS, which scores it against every head of the group (its rows are read once, one
 /// memory round trip for up to WARPS * EX_CHUNK tokens); the warps' states merge in shared
 /// memory (`sm`, EXACT_WORDS).
-__device__ __forceinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
+__device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 pair = (u64)seq * p.num_kv_heads + kvh;
     const u32 S = p.sinks, W = p.window_len;
@@ -842,7 +1049,7 @@ __device__ __forceinline__ u32 visible_start(const DecodeParams& p, u32 seq, u32
     return start;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const DecodeParams p) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const __grid_constant__ DecodeParams p) {
     extern __shared__ u32 smem[];
     if (blockIdx.z >= p.num_seqs) {
         // Exact blocks (z-slices past the sequences, dispatched after every packed block so they
@@ -852,6 +1059,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         const u32 seq = (u32)(e / p.num_kv_heads), kvh = (u32)(e % p.num_kv_heads);
         const u32 len = ((const u32*)p.seq_lens)[seq];
         exact_block(p, seq, kvh, len, visible_start(p, seq, len), p.num_splits - 1, (float*)smem);
+        merge_if_last(p, seq, kvh, smem);
         return;
     }
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -890,6 +1098,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             part_ml[2 * tid] = -__int_as_float(0x7f800000);
             part_ml[2 * tid + 1] = 0.0f;
         }
+        merge_if_last(p, seq, kvh, smem);
         return;
     }
 
@@ -919,22 +1128,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
     }
     // Codebook tables (f16), lane-replicated.
-    {
-        const float* cbk = (const float*)p.k_codebook;
-        for (u32 i = tid; i < KS::TAB_WORDS; i += THREADS) {
-            const u32 e = i >> 5;
-            smem[TAB_K_OFF + (K_P8 ? e * 64 + (i & 31) : i)] = KS::PAIR ? pack_h2(cbk[e & ((1u << K_BITS) - 1)], cbk[e >> K_BITS])
-                                           : (u32)f32_to_f16(cbk[e]);
-        }
-        if constexpr (!SHARED_TAB) {
-            const float* cbv = (const float*)p.v_codebook;
-            for (u32 i = tid; i < VS::TAB_WORDS; i += THREADS) {
-                const u32 e = i >> 5;
-                smem[TAB_V_OFF + (V_P8 ? e * 64 + (i & 31) : i)] = VS::PAIR ? pack_h2(cbv[e & ((1u << V_BITS) - 1)], cbv[e >> V_BITS])
-                                               : (u32)f32_to_f16(cbv[e]);
-            }
-        }
-    }
+    fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, (const float*)p.k_codebook, warp, lane);
+    if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8>(smem + TAB_V_OFF, (const float*)p.v_codebook, warp, lane);
     // Rotate the group's queries: qs = FWHT(D q) (unnormalized), amax = max |qs| per head.
     float* qs = (float*)(smem + QS_OFF);
     float* amax = qs + GQA * D;
@@ -943,17 +1138,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         const qtype* q = (const qtype*)p.q + ((u64)seq * p.num_kv_heads * GQA + (u64)kvh * GQA) * D;
         for (u32 i = tid; i < GQA * D; i += THREADS) qs[i] = load_q(q + i) * signs[i % D];
         __syncthreads();
-#pragma unroll 1
-        for (u32 h = 1; h < D; h <<= 1) {
-            for (u32 i = tid; i < GQA * D / 2; i += THREADS) {
-                const u32 hd = i / (D / 2), k = i % (D / 2);
-                const u32 j = hd * D + (k / h) * 2 * h + (k % h);
-                const float a = qs[j], b = qs[j + h];
-                qs[j] = a + b;
-                qs[j + h] = a - b;
-            }
-            __syncthreads();
-        }
+        fwht_rows(qs);
         // qmu = scale * q.mu per head, what the centered packed keys miss; added here only before
         // a softcap (else the exact block subtracts it from its scores: exact_block).
         const float* mu = p.key_mean && p.softcap > 0.0f ? (const float*)p.key_mean + pair_idx * D : nullptr;
@@ -1247,6 +1432,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             part_ml[2 * h + 1] = l;
         }
     }
+    merge_if_last(p, seq, kvh, smem);
 }
 
 // ---------------------------------------------------------------- the merge kernel

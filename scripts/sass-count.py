@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Static SASS count of a codec kernel's hot loop, offline (no GPU).
+"""Static SASS count of a kernel's hot loop, offline (no GPU).
 
     python3 scripts/sass-count.py quantize "HEAD_DIM=128 LANE_ELEMS=16 BITS=4 IN_DTYPE=1 VPW=2"
+    python3 scripts/sass-count.py decode_attention "K_BITS=4 V_BITS=4 GQA=4 WARPS=8 LUT256=1 TRANS=1"
 
 Compiles kernels/common.cu + kernels/<family>.cu with pip's NVRTC (the registry's options:
 compute_90a, no FMA contraction, IEEE division and square root, no flush-to-zero), assembles the
@@ -9,7 +10,8 @@ PTX with ptxas for sm_90a and disassembles it with nvdisasm (pip packages nvidia
 nvidia-cuda-nvcc, nvidia-cuda-nvdisasm). Prints the entry's registers and spills, and the
 instructions of its grid-stride loop: the widest backward branch before the first unpredicated
 EXIT, without the blocks of the divergent-shuffle fallback (WARPSYNC.COLLECTIVE), which
-converged warps never run. With -v, the opcode histogram too.
+converged warps never run (decode_attention: tq_decode_split's token-tile loop, the smallest
+loop holding every HMMA). With -v, the opcode histogram too.
 """
 import collections
 import ctypes
@@ -21,14 +23,19 @@ import tempfile
 
 import nvidia
 
-CU = os.path.join(list(nvidia.__path__)[0], "cu13")
-ENTRY = {"quantize": "tq_quantize", "dequantize": "tq_dequantize"}
+# NVRTC and ptxas from pip's nvidia/cu13 (TQ_NVRTC_DIR: another such folder, e.g. the 13.0 wheels
+# the device's driver matches; its lib/ must also be on LD_LIBRARY_PATH).
+CU = os.environ.get("TQ_NVRTC_DIR") or os.path.join(list(nvidia.__path__)[0], "cu13")
+NVDISASM = os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "nvdisasm")
+ENTRY = {"quantize": "tq_quantize", "dequantize": "tq_dequantize", "decode_attention": "tq_decode_split"}
+# decode_attention.cu stands alone; the codec kernels follow kernels/common.cu.
+FILES = {"decode_attention": ("decode_attention.cu",)}
 
 
 def compile_cubin(root, family, defines, work):
     nvrtc = ctypes.CDLL(os.path.join(CU, "lib", "libnvrtc.so.13"))
     src = "".join("#define %s %s\n" % tuple(d.split("=")) for d in defines)
-    for f in ("common.cu", family + ".cu"):
+    for f in FILES.get(family, ("common.cu", family + ".cu")):
         src += open(os.path.join(root, "kernels", f)).read()
     opts = [b"--std=c++17", b"--gpu-architecture=compute_90a", b"--ftz=false", b"--prec-sqrt=true",
             b"--prec-div=true", b"--fmad=false"]
@@ -60,7 +67,7 @@ def main():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     with tempfile.TemporaryDirectory() as work:
         cubin, info = compile_cubin(root, family, defines, work)
-        sass = subprocess.run([os.path.join(CU, "bin", "nvdisasm"), "-c", cubin], capture_output=True,
+        sass = subprocess.run([NVDISASM, "-c", cubin], capture_output=True,
                               text=True, check=True).stdout
     sass = sass.split(".text.%s:" % entry)[1].split("//----")[0]
     resources = re.search(r"Function properties for %s\n(.*?)\n.*?(Used .*?)\n" % entry, info, re.S)
@@ -87,7 +94,17 @@ def main():
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", l)
         if m and addr(l) < exit_at and labels.get(m.group(1), 1 << 40) < addr(l):
             loops.append((labels[m.group(1)], addr(l)))
-    lo, hi = max(loops, key=lambda s: s[1] - s[0])
+    if family == "decode_attention":
+        # the token-tile loop: the smallest loop holding every tensor-core product (it follows
+        # the EXIT of empty splits)
+        loops = [(labels[m.group(1)], addr(l)) for l in ins
+                 for m in [re.search(r"BRA\s+`?\(?(\.L_x_\d+)", l)]
+                 if m and labels.get(m.group(1), 1 << 40) < addr(l)]
+        hmma = [addr(l) for l in ins if "HMMA" in l]
+        loops = [s for s in loops if s[0] <= min(hmma) and max(hmma) <= s[1]]
+        lo, hi = min(loops, key=lambda s: s[1] - s[0])
+    else:
+        lo, hi = max(loops, key=lambda s: s[1] - s[0])
     ops = collections.Counter()
     for b in blocks:
         b = [l for l in b if lo <= addr(l) <= hi]

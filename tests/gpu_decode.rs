@@ -24,7 +24,7 @@ const TOL: f64 = 2e-3;
 const TOL_HEAD: f64 = 1.5e-2;
 
 /// Every batch cache of this file is built here. The test harness variable
-/// `TQ_DECODE_VARIANT=WxSxMxLxT` runs the tests under another kernel variant (tuning runs:
+/// `TQ_DECODE_VARIANT=WxSxMxLxTxFxR` runs the tests under another kernel variant (tuning runs:
 /// bench/decode_sweep.sh).
 fn batch_cache(dev: Arc<CudaDevice>, l: CacheLayout, num_seqs: usize) -> tqkv::Result<BatchCache> {
     let mut b = BatchCache::new(dev, l, num_seqs)?;
@@ -386,7 +386,7 @@ fn decode_params_mirror_has_the_kernels_size() {
             info.params_bytes as usize,
             std::mem::size_of::<DecodeParams>()
         );
-        assert_eq!(info.params_bytes, 208);
+        assert_eq!(info.params_bytes, 216);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
         assert!(info.blocks_per_sm >= 1, "{info:?}");
         println!("decode kernel heads {heads} {dtype:?}: {info:?}");
@@ -506,6 +506,66 @@ fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
             assert!(rel <= TOL, "step {step} seq {i}: relative L2 {rel:.3e}");
         }
     }
+}
+
+#[test]
+fn last_block_merge_is_bit_identical_to_the_merge_launch_and_reusable_across_split_counts() {
+    let Some(dev) = device() else { return };
+    let l = layout(2, 128, 4096, 4, 4);
+    let seqs = [(4000, CacheMode::Global), (1500, CacheMode::Global)];
+    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
+    for (i, &(len, mode)) in seqs.iter().enumerate() {
+        batch
+            .upload(i, &filled_cache(l, mode, len, 300 + i as u64))
+            .expect("upload");
+    }
+    let heads = 8;
+    let s = batch.codec().stream().clone();
+    let q = HostQ::new(DType::F32, seqs.len() * heads * 128, 31);
+    let q_dev = DeviceBuffer::from_src(&s, q.src(0..q.len())).expect("upload q");
+    let full = AttentionConfig::new(128);
+    let windowed = AttentionConfig {
+        window: 300,
+        ..AttentionConfig::new(128)
+    };
+    let run = |batch: &BatchCache, cfg: &AttentionConfig| -> Vec<u32> {
+        let mut out = poisoned(batch, DType::F32, q.len());
+        batch
+            .attention(&q_dev, heads, cfg, &mut out)
+            .expect("gpu attention");
+        let o = out.to_f32(&s).expect("download");
+        assert!(o.iter().all(|x| x.is_finite()), "non-finite output");
+        o.iter().map(|x| x.to_bits()).collect()
+    };
+    let mut v = batch
+        .decode_kernel_info(heads, DType::F32)
+        .expect("kernel")
+        .variant;
+    v.merge_last = true;
+    batch.set_decode_variant(Some(v)).expect("variant");
+    let (sf, sw) = (
+        batch
+            .decode_splits(heads, DType::F32, &full)
+            .expect("splits"),
+        batch
+            .decode_splits(heads, DType::F32, &windowed)
+            .expect("splits"),
+    );
+    assert!(sf > sw && sf > 2, "splits full {sf}, windowed {sw}");
+    let (a1, w1, a2, w2) = (
+        run(&batch, &full),
+        run(&batch, &windowed),
+        run(&batch, &full),
+        run(&batch, &windowed),
+    );
+    assert!(a1 == a2 && w1 == w2, "repeated calls differ");
+    v.merge_last = false;
+    batch.set_decode_variant(Some(v)).expect("variant");
+    assert!(
+        run(&batch, &full) == a1,
+        "full context: merge launch differs"
+    );
+    assert!(run(&batch, &windowed) == w1, "window: merge launch differs");
 }
 
 #[test]
@@ -630,7 +690,8 @@ fn every_decode_kernel_variant_compiles_with_nvrtc_and_fits_shared_memory() {
         [2, 2, 128, 4, 0, 8, 2, 2],
     ];
     // Each with the byte-field tables (LUT256) and transposed products (TRANS) off and on; 4/4 and
-    // 8/8 also with one of them.
+    // 8/8 also with one of them. The last-block merge (MERGE_LAST) and the row-order V stage
+    // (VROWS) go with TRANS.
     let flags = |kb: i64, vb: i64| -> &'static [(i64, i64)] {
         if kb == vb && (kb == 4 || kb == 8) {
             &[(0, 0), (1, 1), (1, 0), (0, 1)]
@@ -654,6 +715,8 @@ fn every_decode_kernel_variant_compiles_with_nvrtc_and_fits_shared_memory() {
                     ("MIN_BLOCKS", mb),
                     ("LUT256", lut),
                     ("TRANS", tr),
+                    ("MERGE_LAST", tr),
+                    ("VROWS", tr),
                 ],
             })
         });

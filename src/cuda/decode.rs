@@ -1,11 +1,13 @@
 //! Fused decode attention over a [`BatchCache`] (kernels/decode_attention.cu): one query token
 //! per sequence, at its last position, against the packed keys and values, never materialized.
 //!
-//! Two launches on the codec's stream: `tq_decode_split` (grid `(num_splits, num_kv_heads,
-//! num_seqs)`, flash-decoding partial states per split) and `tq_decode_merge` (grid
-//! `(num_heads, num_seqs)`: log-sum-exp merge, inverse rotation, output dtype). The result
-//! matches [`crate::cpu::attention()`] of the same cache within the f16 rounding of the kernel's
-//! tensor-core operands (~2e-3 relative L2 over an output, see bench/NOTES-decode.md).
+//! One launch on the codec's stream: `tq_decode_split` (grid `(num_splits, num_kv_heads,
+//! num_seqs)`, flash-decoding partial states per split); the last block of each (sequence, kv
+//! head) to finish merges its splits (log-sum-exp, inverse rotation, output dtype). Variants
+//! without the last-block merge launch `tq_decode_merge` (grid `(num_heads, num_seqs)`) for it
+//! instead, with bit-identical results. The result matches [`crate::cpu::attention()`] of the
+//! same cache within the f16 rounding of the kernel's tensor-core operands (~2e-3 relative L2
+//! over an output, see bench/NOTES-decode.md).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -69,15 +71,22 @@ pub struct DecodeVariant {
     /// Transposed tensor-core products: tokens / head dims on the 16 mma rows, query heads on
     /// the 8 columns (`TRANS`); else query heads on rows 0..7 and rows 8..15 idle.
     pub trans: bool,
+    /// The last split block of each (sequence, kv head) merges the splits (`MERGE_LAST`, one
+    /// launch); else a second launch (`tq_decode_merge`) does.
+    pub merge_last: bool,
+    /// V pipeline stages in row order where the rows are eight 16-byte chunks (one-byte
+    /// indices at head_dim 128; `VROWS`): whole-row loads instead of 16-byte pieces.
+    pub vrows: bool,
 }
 
 impl DecodeVariant {
-    /// Parses `WxSxM`, `WxSxMxL` or `WxSxMxLxT` (L = LUT256, T = TRANS: 0 or 1, default 0).
+    /// Parses `WxSxM` followed by up to four 0/1 flags `xLxTxFxR` (L = LUT256, T = TRANS, F =
+    /// MERGE_LAST, R = VROWS; default 0).
     pub fn parse(s: &str) -> Result<Self> {
         let f: Vec<Option<u32>> = s.split('x').map(|p| p.trim().parse().ok()).collect();
         match f.as_slice() {
             [Some(w), Some(st), Some(m), rest @ ..]
-                if rest.len() <= 2
+                if rest.len() <= 4
                     && (1..=16).contains(w)
                     && (2..=8).contains(st)
                     && (1..=16).contains(m)
@@ -89,11 +98,14 @@ impl DecodeVariant {
                     min_blocks: *m,
                     lut256: rest.first() == Some(&Some(1)),
                     trans: rest.get(1) == Some(&Some(1)),
+                    merge_last: rest.get(2) == Some(&Some(1)),
+                    vrows: rest.get(3) == Some(&Some(1)),
                 })
             }
             _ => invalid!(
-                "decode attention: variant {s:?} is not WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]] \
-                 (warps 1..=16, stages 2..=8, min_blocks 1..=16, lut256 and trans 0 or 1)"
+                "decode attention: variant {s:?} is not \
+                 WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS[xMERGE_LAST[xVROWS]]]] (warps 1..=16, \
+                 stages 2..=8, min_blocks 1..=16, the flags 0 or 1)"
             ),
         }
     }
@@ -105,6 +117,9 @@ impl DecodeVariant {
 pub(super) struct DecodeState {
     kernels: Mutex<HashMap<(usize, i64), DecodeKernel>>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// u32 `[num_seqs, num_kv_heads]` counters of the last-block merge, zeroed once at
+    /// allocation; every launch leaves them zero.
+    counters: Mutex<Option<CudaSlice<u32>>>,
     /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
     variant: Option<DecodeVariant>,
 }
@@ -118,9 +133,10 @@ fn dtype_code(d: DType) -> i64 {
 }
 
 /// The default variant: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
-/// v4): transposed products everywhere; 8/8 with 4 warps, 2 stages, byte-field tables off
-/// (3 blocks per SM); other bits 8 warps, 2 stages, 2 blocks per SM with byte-field tables.
-/// Head dims above 128 need more registers, so they ask for one block of 4 warps.
+/// v4/v5): transposed products, the last-block merge and row-order V stages (where they apply)
+/// everywhere; 8/8 with 4 warps, 2 stages, byte-field tables off (3 blocks per SM); other bits 8
+/// warps, 2 stages, 2 blocks per SM with byte-field tables. Head dims above 128 need more
+/// registers, so they ask for one block of 4 warps.
 fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
     let (warps, min_blocks, lut256) = if head_dim > 128 {
         (4, 1, true)
@@ -135,6 +151,8 @@ fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
         min_blocks,
         lut256,
         trans: true,
+        merge_last: true,
+        vrows: true,
     }
 }
 
@@ -207,6 +225,8 @@ impl BatchCache {
                 ("MIN_BLOCKS", v.min_blocks as i64),
                 ("LUT256", v.lut256 as i64),
                 ("TRANS", v.trans as i64),
+                ("MERGE_LAST", v.merge_last as i64),
+                ("VROWS", v.vrows as i64),
             ],
         };
         let dev = self.codec.device();
@@ -419,6 +439,21 @@ impl BatchCache {
         let Some(ws) = ws.as_mut() else {
             return Err(TqError::Cuda(format!("{op}: no workspace")));
         };
+        let mut counters = self
+            .decode
+            .counters
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: lock poisoned")))?;
+        let n_pairs = self.num_seqs * l.num_kv_heads;
+        if counters.is_none() {
+            *counters = Some(
+                s.alloc_zeros::<u32>(n_pairs)
+                    .map_err(|e| driver_err(&format!("{op}: split counters"), e))?,
+            );
+        }
+        let Some(counters) = counters.as_mut() else {
+            return Err(TqError::Cuda(format!("{op}: no split counters")));
+        };
         let (q_ptr, _g1) = q.slice().device_ptr(s);
         let (out_ptr, _g2) = out.slice().device_ptr(s);
         let (kp, _g3) = self.k_packed.slice().device_ptr(s);
@@ -431,6 +466,7 @@ impl BatchCache {
         let (lens, _g10) = self.seq_lens.device_ptr(s);
         let (rings, _g11) = self.ring_flags.device_ptr(s);
         let (ws_ptr, _g12) = ws.device_ptr(s);
+        let (cnt_ptr, _g13) = counters.device_ptr(s);
         let e = self.extras.as_ref();
         let frontiers = e.map(|e| e.frontiers.device_ptr(s));
         let key_mean = e
@@ -485,6 +521,7 @@ impl BatchCache {
             window_len: self.window as u32,
             exact,
             exact_bf16: u32::from(self.options().exact_dtype == DType::Bf16),
+            counters: cnt_ptr,
         };
         let split_cfg = LaunchConfig {
             grid_dim: (
@@ -503,17 +540,20 @@ impl BatchCache {
         // SAFETY: both kernels take one DecodeParams by value (size checked against the module
         // when it was loaded); every pointer addresses a live buffer whose shape was validated
         // above (planes [num_seqs, num_kv_heads, capacity, ...] of this layout, workspace of
-        // n_part * (head_dim + 2) f32) or allocated with the batch (exact planes, μ, frontiers
-        // of this batch's options), all ordered on this stream.
+        // n_part * (head_dim + 2) f32, num_seqs * num_kv_heads zeroed counters) or allocated
+        // with the batch (exact planes, μ, frontiers of this batch's options), all ordered on
+        // this stream.
         unsafe {
             s.launch_builder(&k.split)
                 .arg(&params)
                 .launch(split_cfg)
                 .map_err(|e| driver_err(&format!("{op}: launch tq_decode_split"), e))?;
-            s.launch_builder(&k.merge)
-                .arg(&params)
-                .launch(merge_cfg)
-                .map_err(|e| driver_err(&format!("{op}: launch tq_decode_merge"), e))?;
+            if !k.info.variant.merge_last {
+                s.launch_builder(&k.merge)
+                    .arg(&params)
+                    .launch(merge_cfg)
+                    .map_err(|e| driver_err(&format!("{op}: launch tq_decode_merge"), e))?;
+            }
         }
         Ok(())
     }
@@ -547,6 +587,10 @@ mod tests {
         assert_eq!(sm(variant(4, 4, 128)), (8, 2, 2, true, true));
         assert_eq!(sm(variant(4, 2, 64)), (8, 2, 2, true, true));
         assert_eq!(sm(variant(4, 4, 256)), (4, 2, 1, true, true));
+        for (kb, vb, d) in [(8, 8, 128), (4, 4, 128), (4, 2, 64), (4, 4, 256)] {
+            let v = variant(kb, vb, d);
+            assert!(v.merge_last && v.vrows, "{kb}/{vb} d={d}");
+        }
     }
 
     #[test]
@@ -558,8 +602,20 @@ mod tests {
         );
         let v = DecodeVariant::parse("8x4x2x0x1").expect("valid");
         assert_eq!(
-            (v.warps, v.stages, v.min_blocks, v.lut256, v.trans),
-            (8, 4, 2, false, true)
+            (
+                v.warps,
+                v.stages,
+                v.min_blocks,
+                v.lut256,
+                v.trans,
+                v.merge_last
+            ),
+            (8, 4, 2, false, true, false)
+        );
+        let v = DecodeVariant::parse("8x2x2x1x1x1").expect("valid");
+        assert_eq!(
+            (v.warps, v.lut256, v.trans, v.merge_last),
+            (8, true, true, true)
         );
         for bad in [
             "",
@@ -567,7 +623,8 @@ mod tests {
             "4x1x3",
             "4x2x3x2",
             "0x2x3",
-            "4x2x3x1x1x1",
+            "4x2x3x1x1x1x1x1",
+            "4x2x3x1x1x2",
             "axbxc",
         ] {
             let e = DecodeVariant::parse(bad).expect_err(bad).to_string();

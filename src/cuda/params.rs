@@ -106,6 +106,9 @@ pub struct DecodeParams {
     pub exact: u32,
     /// 1: the exact planes hold bf16, 0: f16.
     pub exact_bf16: u32,
+    /// u32 `[num_seqs, num_kv_heads]` split counters of the last-block merge, zero between
+    /// launches (the last block of each pair resets its counter); unused without `MERGE_LAST`.
+    pub counters: u64,
 }
 
 /// Parameters of `tq_append_stage` (`struct AppendParams` in kernels/quantize.cu). Pointers are
@@ -156,8 +159,8 @@ mod tests {
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
-        // kernels/decode_attention.cu: 19 u64, 10 u32, 4 f32 (its tq_decode_params_bytes).
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 208);
+        // kernels/decode_attention.cu: 20 u64, 10 u32, 4 f32 (its tq_decode_params_bytes).
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 216);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
         // kernels/quantize.cu: 12 u64, 4 u32.
         assert_eq!(std::mem::size_of::<AppendParams>(), 112);

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use tqkv::cpu::AttentionConfig;
 use tqkv::cuda::{
@@ -62,10 +63,94 @@ struct DecodeArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Kernel variant WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS]] (e.g. 8x2x2x1x1) instead of the
-    /// default rule, for tuning.
+    /// Kernel variant WARPSxSTAGESxMIN_BLOCKS[xLUT256[xTRANS[xMERGE_LAST[xVROWS]]]] (e.g.
+    /// 8x2x2x1x1x1) instead of the default rule, for tuning.
     #[arg(long, value_parser = parse_variant)]
     variant: Option<DecodeVariant>,
+    /// How the L2 is emptied before each timed call.
+    #[arg(long, value_enum, default_value_t = Flush::Write)]
+    flush: Flush,
+}
+
+/// The L2 flush before each timed decode call (256 MB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Flush {
+    /// A write (memset): leaves the L2 full of dirty lines, whose write-back the timed call pays
+    /// as it evicts them.
+    Write,
+    /// A read: leaves clean lines of another buffer in the L2.
+    Read,
+}
+
+/// Empties the L2 before a timed call (see [`Flush`]); the read kernel is compiled on creation.
+enum L2Flush {
+    /// `fill_bytes` of the buffer with the repetition's byte.
+    Write(DeviceBuffer),
+    /// `tq_read_flush` over `buf`.
+    Read {
+        buf: CudaSlice<u64>,
+        sink: CudaSlice<u64>,
+        f: CudaFunction,
+    },
+}
+
+/// Reads `n` u64 (grid-stride) and stores nothing unless their xor is one magic value.
+const READ_FLUSH_SRC: &str = r#"
+extern "C" __global__ void tq_read_flush(const unsigned long long* p, unsigned long long n,
+                                         unsigned long long* sink) {
+    unsigned long long acc = 0;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += step)
+        acc ^= p[i];
+    if (acc == 0x9e3779b97f4a7c15ull) *sink = acc;
+}
+"#;
+
+impl L2Flush {
+    fn new(stream: &Arc<CudaStream>, mode: Flush) -> Result<Self> {
+        if mode == Flush::Write {
+            return Ok(Self::Write(DeviceBuffer::zeros(
+                stream,
+                BufferDType::U8,
+                FLUSH_BYTES,
+            )?));
+        }
+        let err = |e: &dyn std::fmt::Display| TqError::Cuda(format!("bench: read flush: {e}"));
+        let buf = stream
+            .alloc_zeros::<u64>(FLUSH_BYTES / 8)
+            .map_err(|e| err(&e))?;
+        let sink = stream.alloc_zeros::<u64>(1).map_err(|e| err(&e))?;
+        let ptx = cudarc::nvrtc::compile_ptx(READ_FLUSH_SRC).map_err(|e| err(&e))?;
+        let m = stream.context().load_module(ptx).map_err(|e| err(&e))?;
+        let f = m.load_function("tq_read_flush").map_err(|e| err(&e))?;
+        Ok(Self::Read { buf, sink, f })
+    }
+
+    fn run(&mut self, stream: &Arc<CudaStream>, rep: usize) -> Result<()> {
+        match self {
+            Self::Write(b) => b.fill_bytes(stream, rep as u8),
+            Self::Read { buf, sink, f } => {
+                let n = (FLUSH_BYTES / 8) as u64;
+                let cfg = LaunchConfig {
+                    grid_dim: (1024, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: tq_read_flush reads n u64 of `buf` (its length) and may write one u64
+                // of `sink`.
+                unsafe {
+                    stream
+                        .launch_builder(f)
+                        .arg(&*buf)
+                        .arg(&n)
+                        .arg(&mut *sink)
+                        .launch(cfg)
+                }
+                .map(|_| ())
+                .map_err(|e| TqError::Cuda(format!("bench: read flush: {e}")))
+            }
+        }
+    }
 }
 
 fn parse_preset_arg(s: &str) -> std::result::Result<Option<Preset>, String> {
@@ -489,7 +574,7 @@ struct DecodeRow {
     us: f64,
     bytes: usize,
     splits: u32,
-    /// Kernel variant `WxSxMxL` and registers per thread.
+    /// Kernel variant `WxSxMxLxTxFxR` and registers per thread.
     variant: String,
 }
 
@@ -517,8 +602,8 @@ fn decode(a: &DecodeArgs) -> Result<()> {
     let s = dev.stream().clone();
     println!(
         "tqkv bench decode on CUDA: {} (sm_{}{}, {} SMs), {} query heads, {} kv heads, head_dim \
-         {}, bf16 query/output, CUDA events, L2 flushed ({} MB write) before each call, median of \
-         {reps}",
+         {}, bf16 query/output, CUDA events, L2 flushed ({} MB {:?}) before each call, median \
+         of {reps}",
         dev.name(),
         dev.compute_capability().0,
         dev.compute_capability().1,
@@ -526,14 +611,15 @@ fn decode(a: &DecodeArgs) -> Result<()> {
         a.heads,
         a.kv_heads,
         a.head_dim,
-        FLUSH_BYTES >> 20
+        FLUSH_BYTES >> 20,
+        a.flush
     );
     let copy = copy_gbs(&s, FLUSH_BYTES, reps)?;
     println!(
         "device-to-device copy: {copy:.0} GB/s (bytes read + written, {} MB)",
         FLUSH_BYTES >> 20
     );
-    let mut flush = DeviceBuffer::zeros(&s, BufferDType::U8, FLUSH_BYTES)?;
+    let mut flush = L2Flush::new(&s, a.flush)?;
     let mut rows = Vec::new();
     for &(kb, vb) in &bits {
         for &context in &a.contexts {
@@ -721,7 +807,10 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 })
             })
             .collect();
-        let doc = serde_json::json!({ "device": dev.name(), "copy_gbs": copy, "rows": rows });
+        let flush = format!("{:?}", a.flush).to_lowercase();
+        let doc = serde_json::json!({
+            "device": dev.name(), "copy_gbs": copy, "flush": flush, "rows": rows,
+        });
         std::fs::write(path, doc.to_string()).map_err(|e| TqError::Io {
             context: format!("bench decode: writing {}", path.display()),
             source: e,
@@ -738,7 +827,7 @@ fn time_decode(
     a: &DecodeArgs,
     batch: usize,
     reps: usize,
-    flush: &mut DeviceBuffer,
+    flush: &mut L2Flush,
 ) -> Result<(f64, u32, String)> {
     let n = batch * a.heads * a.head_dim;
     let q: Vec<half::bf16> = input(n, 7)
@@ -752,12 +841,14 @@ fn time_decode(
     let info = cache.decode_kernel_info(a.heads, DType::Bf16)?;
     let v = info.variant;
     let variant = format!(
-        "{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
+        "{}x{}x{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
         v.warps,
         v.stages,
         v.min_blocks,
         v.lut256 as u8,
         v.trans as u8,
+        v.merge_last as u8,
+        v.vrows as u8,
         info.registers,
         info.blocks_per_sm
     );
@@ -845,13 +936,13 @@ fn prompt_planes(dev: &Arc<CudaDevice>, l: CacheLayout) -> Result<[DeviceBuffer;
     Ok(planes)
 }
 
-/// Median GPU microseconds of `f`, each call timed alone between two events after a write of
-/// `flush` (which evicts L2 and keeps the GPU busy while the host enqueues the call), after 3
-/// warm-up calls.
+/// Median GPU microseconds of `f`, each call timed alone between two events after `flush`
+/// (which evicts L2 and keeps the GPU busy while the host enqueues the call), after 3 warm-up
+/// calls.
 fn time_flushed(
     stream: &Arc<CudaStream>,
     reps: usize,
-    flush: &mut DeviceBuffer,
+    flush: &mut L2Flush,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
     let ctx = stream.context();
@@ -862,7 +953,7 @@ fn time_flushed(
     }
     let mut us = Vec::with_capacity(reps);
     for r in 0..reps {
-        flush.fill_bytes(stream, r as u8)?;
+        flush.run(stream, r)?;
         start.record(stream).map_err(ev)?;
         f()?;
         end.record(stream).map_err(ev)?;
