@@ -906,6 +906,9 @@ __device__ __forceinline__ void load_exact_chunk(const ExactRows& r, u32 t0, u32
 /// memory round trip for up to WARPS * EX_CHUNK tokens); the warps' states merge in shared
 /// memory (`sm`, EXACT_WORDS).
 __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
+    // Parameters read once into registers (the shared-memory stores below may alias `p` for the
+    // compiler, which would otherwise reload them).
+    const float scale = p.scale, softcap = p.softcap, pv_scale = p.pv_scale;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 pair = (u64)seq * p.num_kv_heads + kvh;
     const u32 S = p.sinks, W = p.window_len;
@@ -920,16 +923,25 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
                             (const u16*)p.k_window + pair * W * D, (const u16*)p.v_window + pair * W * D,
                             start, n_s, w_begin, W};
     const bool bf = p.exact_bf16 != 0;
-    const bool shift = p.key_mean != 0 && !(p.softcap > 0.0f);
+    const bool shift = p.key_mean != 0 && !(softcap > 0.0f);
     const float ninf = -__int_as_float(0x7f800000);
-    const float inv_cap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+    const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
     float* q_s = sm;                        // [GQA][D]
     float* o_s = q_s + GQA * D;             // [WARPS][GQA][D]
     float* m_s = o_s + WARPS * GQA * D;     // [WARPS][8]
     float* l_s = m_s + WARPS * 8;           // [WARPS][8]
     float* qmu_s = l_s + WARPS * 8;         // [8]: scale * q.mu (0 unless shift)
     const qtype* q = (const qtype*)p.q + pair * GQA * D;
-    for (u32 i = tid; i < GQA * D; i += THREADS) q_s[i] = load_q(q + i);
+    {
+        // All of this thread's query loads before any store (the stores may alias them).
+        constexpr int QT = (GQA * D + THREADS - 1) / THREADS;
+        float qv[QT];
+#pragma unroll
+        for (int k = 0; k < QT; ++k) qv[k] = tid + k * THREADS < GQA * D ? load_q(q + tid + k * THREADS) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < QT; ++k)
+            if (tid + k * THREADS < GQA * D) q_s[tid + k * THREADS] = qv[k];
+    }
     for (u32 h = warp; h < GQA; h += WARPS) {
         const float* mu = (const float*)p.key_mean + pair * D;
         float a = 0.0f;
@@ -937,7 +949,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
             for (u32 i = lane; i < D; i += 32) a += load_q(q + h * D + i) * mu[i];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-        if (lane == 0) qmu_s[h] = p.scale * a;
+        if (lane == 0) qmu_s[h] = scale * a;
     }
     float* o_w = o_s + warp * GQA * D;
 #pragma unroll
@@ -966,10 +978,10 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
                 for (int e = 0; e < EL; ++e) dot += q_s[h * D + lane * EL + e] * kx[j][e];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-                float x = p.scale * dot;
-                if (p.softcap > 0.0f) {
+                float x = scale * dot;
+                if (softcap > 0.0f) {
                     const float ez = ex2(2.0f * LOG2E * x * inv_cap);
-                    x = p.softcap * (1.0f - 2.0f / (ez + 1.0f));
+                    x = softcap * (1.0f - 2.0f / (ez + 1.0f));
                 }
                 x = (x - qmu_s[h]) * LOG2E;
                 const float m_new = fmaxf(m[h], x);
@@ -994,6 +1006,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     __syncthreads();
     // Merge the warps into q_s (the queries are dead): sum_w e^(m_w - M) o_w * pv_scale * signs.
     const float* signs = (const float*)p.signs;
+    const float sg0 = signs[tid % D] * pv_scale; // i % D == tid % D below when THREADS % D == 0
     for (u32 i = tid; i < GQA * D; i += THREADS) {
         const u32 h = i / D;
         float mx = ninf;
@@ -1005,7 +1018,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
             const float mw = m_s[w * 8 + h];
             acc += mw == ninf ? 0.0f : ex2(mw - mx) * o_s[w * GQA * D + i];
         }
-        q_s[i] = acc * p.pv_scale * signs[i % D];
+        q_s[i] = acc * (THREADS % D == 0 ? sg0 : signs[i % D] * pv_scale);
     }
     __syncthreads();
     // Rotate: FWHT of each head's row, then / sqrt(d).
