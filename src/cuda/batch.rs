@@ -88,10 +88,9 @@ impl Extras {
             + self.k_window.num_bytes()
             + self.v_window.num_bytes()
             + mean
-            + 4 * self.frontier.len()
             + self.k_stage.num_bytes()
             + self.v_stage.num_bytes()
-            + 4 * self.frontier.len()
+            + 2 * 4 * self.frontier.len() // u32 frontiers and append positions
     }
 
     fn exact(&self, side: Side) -> (&DeviceBuffer, &DeviceBuffer) {
