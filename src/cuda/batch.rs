@@ -471,13 +471,15 @@ impl BatchCache {
                     }
                 }
             }
-            if let (Some(buf), Some(mu)) = (e.key_mean.as_mut(), cache.key_mean()) {
+            // The cache's μ, else (an empty cache) the batch's given one.
+            let mu = cache.key_mean().or(self.options.key_mean.as_deref());
+            if let (Some(buf), Some(mu)) = (e.key_mean.as_mut(), mu) {
                 let bytes: &[u8] = bytemuck::cast_slice(mu);
                 let b0 = seq * bytes.len();
                 s.memcpy_htod(bytes, &mut buf.slice_mut().slice_mut(b0..b0 + bytes.len()))
                     .map_err(up)?;
             }
-            e.mean_set[seq] = cache.key_mean().is_some();
+            e.mean_set[seq] = mu.is_some();
             e.frontier[seq] = frontier;
         }
         self.lens[seq] = len;
