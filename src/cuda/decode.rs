@@ -111,6 +111,23 @@ impl DecodeVariant {
     }
 }
 
+/// `WxSxMxLxTxFxR`, the form [`DecodeVariant::parse`] reads.
+impl std::fmt::Display for DecodeVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{}x{}x{}x{}x{}",
+            self.warps,
+            self.stages,
+            self.min_blocks,
+            u8::from(self.lut256),
+            u8::from(self.trans),
+            u8::from(self.merge_last),
+            u8::from(self.vrows)
+        )
+    }
+}
+
 /// Kernel instances (by gqa and dtype; bits and head_dim are the cache's) and the f32 workspace
 /// of the split states, grown on demand.
 #[derive(Debug, Default)]
@@ -259,12 +276,22 @@ impl BatchCache {
                 std::mem::size_of::<DecodeParams>()
             )));
         }
+        // The driver refuses a size above the device's per-block limit (a variant too large for
+        // this head_dim): say which variant and how much it needs.
         split
             .set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_bytes as i32,
             )
-            .map_err(err("set max dynamic shared memory"))?;
+            .map_err(|e| {
+                TqError::InvalidArgument(format!(
+                    "decode attention: variant {v} at head_dim {} needs {smem_bytes} bytes of \
+                     shared memory per block and {} refused it ({e}); choose fewer warps or \
+                     stages",
+                    l.head_dim,
+                    dev.name()
+                ))
+            })?;
         let blocks_per_sm = split
             .occupancy_max_active_blocks_per_multiprocessor(v.warps * 32, smem_bytes as usize, None)
             .map_err(err("occupancy"))?;
@@ -590,6 +617,16 @@ mod tests {
         for (kb, vb, d) in [(8, 8, 128), (4, 4, 128), (4, 2, 64), (4, 4, 256)] {
             let v = variant(kb, vb, d);
             assert!(v.merge_last && v.vrows, "{kb}/{vb} d={d}");
+        }
+    }
+
+    #[test]
+    fn variants_print_as_they_parse() {
+        for s in ["8x2x2x1x1x1x1", "4x2x4x0x1x1x1", "4x3x1x0x0x0x0"] {
+            assert_eq!(
+                DecodeVariant::parse(s).map(|v| v.to_string()).ok(),
+                Some(s.into())
+            );
         }
     }
 

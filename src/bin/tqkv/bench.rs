@@ -841,16 +841,8 @@ fn time_decode(
     let info = cache.decode_kernel_info(a.heads, DType::Bf16)?;
     let v = info.variant;
     let variant = format!(
-        "{}x{}x{}x{}x{}x{}x{} ({} regs, {} blocks/SM)",
-        v.warps,
-        v.stages,
-        v.min_blocks,
-        v.lut256 as u8,
-        v.trans as u8,
-        v.merge_last as u8,
-        v.vrows as u8,
-        info.registers,
-        info.blocks_per_sm
+        "{v} ({} regs, {} blocks/SM)",
+        info.registers, info.blocks_per_sm
     );
     let us = time_flushed(s, reps, flush, || {
         cache.attention(&q, a.heads, &cfg, &mut out)
