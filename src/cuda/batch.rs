@@ -683,14 +683,10 @@ impl BatchCache {
                 v.dtype()
             );
         }
-        // The position leaving the exact segments, per sequence (tq_append_stage's rule).
-        let leaving = |len: u32, frontier: u32| -> Option<u32> {
-            let a = u64::from(frontier).max(sinks);
-            (u64::from(len) + 1 > a + window).then_some(a as u32)
-        };
         if e.key_mean.is_some() {
             for s in 0..n {
-                if !e.mean_set[s] && leaving(self.lens[s], e.frontier[s]).is_some() {
+                let leaves = leaving_position(self.lens[s], e.frontier[s], sinks, window);
+                if !e.mean_set[s] && leaves.is_some() {
                     invalid!(
                         "{op}: sequence {s} has no key mean and would quantize a key: upload a \
                          cache that has one, call set_key_mean, or give CacheOptions::key_mean"
@@ -759,6 +755,15 @@ impl BatchCache {
     }
 }
 
+/// The position a one-token append to a sequence of length `len` and quantized frontier
+/// `frontier` moves from the exact segments into the packed planes, if any (the rule of
+/// `tq_append_stage` and of [`KvCache::append`]): `a = max(frontier, sinks)` leaves when
+/// `len + 1 > a + window`.
+fn leaving_position(len: u32, frontier: u32, sinks: u64, window: u64) -> Option<u32> {
+    let a = u64::from(frontier).max(sinks);
+    (u64::from(len) + 1 > a + window).then_some(a as u32)
+}
+
 /// The batch quantize of keys and values at `positions` (one token per sequence): one launch
 /// when both sides have the same bit width and source dtype, else one per side.
 fn quantize_both(
@@ -796,5 +801,37 @@ fn padded(v: &[u32]) -> Vec<u32> {
         vec![0]
     } else {
         v.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Src;
+
+    /// The host's rule for the position leaving the exact segments agrees with the CPU cache,
+    /// token by token (the CPU cache's frontier moves past exactly that position).
+    #[test]
+    fn leaving_position_matches_the_cpu_cache_frontier() {
+        for (sinks, window) in [(1, 32), (0, 4), (4, 0), (2, 3), (0, 0)] {
+            let l = CacheLayout::new(1, 32, 64, 4, 4).expect("layout");
+            let options = CacheOptions::default()
+                .with_sinks(sinks)
+                .with_window(window)
+                .with_key_mean(vec![0.0; 32]);
+            let mut cache = KvCache::with_options(l, options).expect("cache");
+            let tok: Vec<f32> = (0..32).map(|i| (i as f32 * 0.7).sin()).collect();
+            for _ in 0..50 {
+                let (len, frontier) = (cache.len() as u32, cache.frontier() as u32);
+                let leaves = leaving_position(len, frontier, sinks as u64, window as u64);
+                cache
+                    .append(Src::F32(&tok), Src::F32(&tok))
+                    .expect("append");
+                let packed_now = cache.frontier().max(sinks) as u32;
+                let packed_before = frontier.max(sinks as u32);
+                let want = (packed_now > packed_before).then_some(packed_before);
+                assert_eq!(leaves, want, "sinks {sinks} window {window} len {len}");
+            }
+        }
     }
 }
