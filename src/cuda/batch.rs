@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::buffer::{BufferDType, DeviceBuffer};
 use super::codec::CudaCodec;
@@ -267,12 +267,14 @@ impl BatchCache {
                 e.frontier[seq]
             );
         }
-        let bytes: &[u8] = bytemuck::cast_slice(mu);
-        let b0 = seq * bytes.len();
-        self.codec
-            .stream()
-            .memcpy_htod(bytes, &mut buf.slice_mut().slice_mut(b0..b0 + bytes.len()))
-            .map_err(|e| driver_err("batch cache: upload key mean", e))?;
+        let s = self.codec.stream();
+        upload_seq_part(
+            s,
+            bytemuck::cast_slice(mu),
+            buf,
+            seq,
+            "batch cache: upload key mean",
+        )?;
         e.mean_set[seq] = true;
         Ok(())
     }
@@ -287,23 +289,15 @@ impl BatchCache {
         };
         let (sinks, window) = e.exact(side);
         let s = self.codec.stream();
-        let down = |e| driver_err("batch cache: download exact", e);
-        let mut out = [Vec::new(), Vec::new()];
-        for (buf, o) in [sinks, window].into_iter().zip(&mut out) {
+        let bits = |buf: &DeviceBuffer| -> Result<Vec<u16>> {
             let n = buf.num_bytes() / self.num_seqs.max(1);
-            let mut bytes = vec![0u8; n];
-            if n > 0 {
-                s.memcpy_dtoh(&buf.slice().slice(seq * n..(seq + 1) * n), &mut bytes)
-                    .map_err(down)?;
-            }
-            s.synchronize().map_err(down)?;
-            *o = bytes
+            let bytes = download_seq_part(s, buf, seq, n, "batch cache: download exact")?;
+            Ok(bytes
                 .chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect();
-        }
-        let [a, b] = out;
-        Ok((a, b))
+                .collect())
+        };
+        Ok((bits(sinks)?, bits(window)?))
     }
 
     pub fn layout(&self) -> &CacheLayout {
@@ -435,20 +429,14 @@ impl BatchCache {
             invalid!("{op}: len ({}) must fit in u32", cache.len());
         };
         let s = self.codec.stream().clone();
-        let up = |e| driver_err("batch cache: upload", e);
+        let up = "batch cache: upload";
         for side in [Side::Keys, Side::Values] {
-            let packed = cache.packed(side);
-            let norms: &[u8] = bytemuck::cast_slice(cache.norms(side));
             let (pb, nb) = match side {
                 Side::Keys => (&mut self.k_packed, &mut self.k_norms),
                 Side::Values => (&mut self.v_packed, &mut self.v_norms),
             };
-            let p0 = seq * packed.len();
-            s.memcpy_htod(packed, &mut pb.slice_mut().slice_mut(p0..p0 + packed.len()))
-                .map_err(up)?;
-            let n0 = seq * norms.len();
-            s.memcpy_htod(norms, &mut nb.slice_mut().slice_mut(n0..n0 + norms.len()))
-                .map_err(up)?;
+            upload_seq_part(&s, cache.packed(side), pb, seq, up)?;
+            upload_seq_part(&s, bytemuck::cast_slice(cache.norms(side)), nb, seq, up)?;
         }
         if let Some(e) = self.extras.as_mut() {
             let Ok(frontier) = u32::try_from(cache.frontier()) else {
@@ -459,25 +447,25 @@ impl BatchCache {
                     Side::Keys => (&mut e.k_sinks, &mut e.k_window),
                     Side::Values => (&mut e.v_sinks, &mut e.v_window),
                 };
-                for (host, dev) in [
-                    (cache.exact_sinks(side), sinks),
-                    (cache.exact_window(side), window),
-                ] {
-                    let bytes: &[u8] = bytemuck::cast_slice(host);
-                    let b0 = seq * bytes.len();
-                    if !bytes.is_empty() {
-                        s.memcpy_htod(bytes, &mut dev.slice_mut().slice_mut(b0..b0 + bytes.len()))
-                            .map_err(up)?;
-                    }
-                }
+                upload_seq_part(
+                    &s,
+                    bytemuck::cast_slice(cache.exact_sinks(side)),
+                    sinks,
+                    seq,
+                    up,
+                )?;
+                upload_seq_part(
+                    &s,
+                    bytemuck::cast_slice(cache.exact_window(side)),
+                    window,
+                    seq,
+                    up,
+                )?;
             }
             // The cache's μ, else (an empty cache) the batch's given one.
             let mu = cache.key_mean().or(self.options.key_mean.as_deref());
             if let (Some(buf), Some(mu)) = (e.key_mean.as_mut(), mu) {
-                let bytes: &[u8] = bytemuck::cast_slice(mu);
-                let b0 = seq * bytes.len();
-                s.memcpy_htod(bytes, &mut buf.slice_mut().slice_mut(b0..b0 + bytes.len()))
-                    .map_err(up)?;
+                upload_seq_part(&s, bytemuck::cast_slice(mu), buf, seq, up)?;
             }
             e.mean_set[seq] = mu.is_some();
             e.frontier[seq] = frontier;
@@ -583,17 +571,9 @@ impl BatchCache {
         };
         let (plen, nlen) = (l.packed_len(side), l.norms_len() * 4);
         let s = self.codec.stream();
-        let down = |e| driver_err("batch cache: download", e);
-        let mut packed = vec![0u8; plen];
-        s.memcpy_dtoh(&pb.slice().slice(seq * plen..(seq + 1) * plen), &mut packed)
-            .map_err(down)?;
-        let mut norm_bytes = vec![0u8; nlen];
-        s.memcpy_dtoh(
-            &nb.slice().slice(seq * nlen..(seq + 1) * nlen),
-            &mut norm_bytes,
-        )
-        .map_err(down)?;
-        s.synchronize().map_err(down)?;
+        let down = "batch cache: download";
+        let packed = download_seq_part(s, pb, seq, plen, down)?;
+        let norm_bytes = download_seq_part(s, nb, seq, nlen, down)?;
         let norms = norm_bytes
             .chunks_exact(4)
             .map(bytemuck::pod_read_unaligned)
@@ -793,6 +773,40 @@ pub struct SeqPlanes<'a> {
     pub k_norms: &'a DeviceBuffer,
     pub v_packed: &'a DeviceBuffer,
     pub v_norms: &'a DeviceBuffer,
+}
+
+/// Copies `host`, sequence `seq`'s part of a batch buffer (`host.len()` bytes per sequence), into
+/// `dev` (nothing for an empty part); `what` names the copy in errors.
+fn upload_seq_part(
+    s: &Arc<CudaStream>,
+    host: &[u8],
+    dev: &mut DeviceBuffer,
+    seq: usize,
+    what: &str,
+) -> Result<()> {
+    if host.is_empty() {
+        return Ok(());
+    }
+    let b0 = seq * host.len();
+    s.memcpy_htod(host, &mut dev.slice_mut().slice_mut(b0..b0 + host.len()))
+        .map_err(|e| driver_err(what, e))
+}
+
+/// Sequence `seq`'s part of a batch buffer, `n` bytes per sequence (synchronizes the stream).
+fn download_seq_part(
+    s: &Arc<CudaStream>,
+    dev: &DeviceBuffer,
+    seq: usize,
+    n: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; n];
+    if n > 0 {
+        s.memcpy_dtoh(&dev.slice().slice(seq * n..(seq + 1) * n), &mut bytes)
+            .map_err(|e| driver_err(what, e))?;
+    }
+    s.synchronize().map_err(|e| driver_err(what, e))?;
+    Ok(bytes)
 }
 
 /// `v`, or `[0]` when empty (device allocations are never empty).

@@ -1,6 +1,6 @@
 //! `CudaCodec`: the quantize and dequantize ops on the GPU, validated like the CPU ops.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
@@ -216,6 +216,22 @@ impl CudaCodec {
         Ok((key, f))
     }
 
+    /// Another entry `name` of the module compiled for `key` (the quantize family holds more
+    /// than its registry entry).
+    fn module_function(&self, op: &str, key: &KernelKey, name: &str) -> Result<CudaFunction> {
+        let module = self.device.registry().module(self.device.context(), key)?;
+        module
+            .load_function(name)
+            .map_err(|e| driver_err(&format!("{op}: loading {name} of {key}"), e))
+    }
+
+    /// The non-finite-input status word, locked for a launch or a check by `op`.
+    fn status_word(&self, op: &str) -> Result<MutexGuard<'_, CudaSlice<u64>>> {
+        self.status
+            .lock()
+            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))
+    }
+
     /// The registry key of a quantize-family module (its defines).
     fn quantize_key(&self, family: Family, side: Side, in_dtype: DType, vpw: i64) -> KernelKey {
         let l = self.codec.layout();
@@ -300,10 +316,7 @@ impl CudaCodec {
         let t = self.tables(side);
         let params = self.quantize_params(side, n_vectors, 0, 0);
         let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
-        let mut status = self
-            .status
-            .lock()
-            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(src.slice())
@@ -353,19 +366,13 @@ impl CudaCodec {
         }
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
         let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw);
-        let module = self.device.registry().module(self.device.context(), &key)?;
-        let f = module
-            .load_function("tq_quantize_batch_kv")
-            .map_err(|e| driver_err(&format!("{op}: loading tq_quantize_batch_kv of {key}"), e))?;
+        let f = self.module_function(op, &key, "tq_quantize_batch_kv")?;
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
         let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
         let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
         let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
         cfg.grid_dim.0 *= 2;
-        let mut status = self
-            .status
-            .lock()
-            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(k_src.slice())
@@ -405,19 +412,13 @@ impl CudaCodec {
             return Ok(());
         }
         let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, new_dtype, 1);
-        let module = self.device.registry().module(self.device.context(), &key)?;
-        let stage = module
-            .load_function("tq_append_stage")
-            .map_err(|e| driver_err(&format!("{op}: loading tq_append_stage of {key}"), e))?;
+        let stage = self.module_function(op, &key, "tq_append_stage")?;
         let cfg = LaunchConfig {
             grid_dim: (l.num_kv_heads as u32, num_seqs as u32, 1),
             block_dim: (l.head_dim as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut status = self
-            .status
-            .lock()
-            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&stage);
         launch.arg(p).arg(&mut *status);
         // SAFETY: the argument list matches tq_append_stage's signature; every pointer in `p`
@@ -493,10 +494,7 @@ impl CudaCodec {
             l.slot(plan.first_pos) as u32,
         );
         let cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
-        let mut status = self
-            .status
-            .lock()
-            .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))?;
+        let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(src.slice())
@@ -515,10 +513,7 @@ impl CudaCodec {
     /// Synchronizes [`CudaCodec::stream`] and reports (and clears) the first non-finite input
     /// vector seen by [`CudaCodec::quantize`] since the last check.
     pub fn check_finite(&self) -> Result<()> {
-        let mut status = self
-            .status
-            .lock()
-            .map_err(|_| TqError::Cuda("cuda quantize: status lock poisoned".into()))?;
+        let mut status = self.status_word("cuda quantize")?;
         let seen = self
             .stream
             .clone_dtoh(&*status)

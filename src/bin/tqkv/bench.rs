@@ -626,17 +626,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             let l = CacheLayout::new(a.kv_heads, a.head_dim, context, kb, vb)?;
             let planes = prompt_planes(&dev, l)?;
             for &batch in &a.batches {
-                let mut cache = BatchCache::new(dev.clone(), l, batch)?;
-                cache.set_decode_variant(a.variant)?;
-                let sp = SeqPlanes {
-                    k_packed: &planes[0],
-                    k_norms: &planes[1],
-                    v_packed: &planes[2],
-                    v_norms: &planes[3],
-                };
-                for seq in 0..batch {
-                    cache.copy_sequence(seq, sp, context, CacheMode::Global)?;
-                }
+                let mut cache = plain_batch(&dev, l, batch, a, &planes)?;
                 let (us, splits, variant) =
                     time_decode(&s, &mut cache, a, batch, reps, &mut flush)?;
                 rows.push(DecodeRow {
@@ -668,17 +658,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 }
                 // The same prompt in a plain cache of the same bits, timed alternately with the
                 // preset (the better of two medians each): the preset's cost without drift.
-                let mut plain = BatchCache::new(dev.clone(), l, batch)?;
-                plain.set_decode_variant(a.variant)?;
-                let sp = SeqPlanes {
-                    k_packed: &planes[0],
-                    k_norms: &planes[1],
-                    v_packed: &planes[2],
-                    v_norms: &planes[3],
-                };
-                for seq in 0..batch {
-                    plain.copy_sequence(seq, sp, context, CacheMode::Global)?;
-                }
+                let mut plain = plain_batch(&dev, l, batch, a, &planes)?;
                 let (mut us, mut plain_us) = (f64::INFINITY, f64::INFINITY);
                 let (mut splits, mut variant) = (0, String::new());
                 for _ in 0..2 {
@@ -817,6 +797,29 @@ fn decode(a: &DecodeArgs) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// A plain batch of `batch` copies of the prompt `planes` ([`prompt_planes`] of `l`, every
+/// sequence `l.capacity` tokens long), with the benchmark's kernel variant.
+fn plain_batch(
+    dev: &Arc<CudaDevice>,
+    l: CacheLayout,
+    batch: usize,
+    a: &DecodeArgs,
+    planes: &[DeviceBuffer; 4],
+) -> Result<BatchCache> {
+    let mut cache = BatchCache::new(dev.clone(), l, batch)?;
+    cache.set_decode_variant(a.variant)?;
+    let sp = SeqPlanes {
+        k_packed: &planes[0],
+        k_norms: &planes[1],
+        v_packed: &planes[2],
+        v_norms: &planes[3],
+    };
+    for seq in 0..batch {
+        cache.copy_sequence(seq, sp, l.capacity, CacheMode::Global)?;
+    }
+    Ok(cache)
 }
 
 /// Median µs of one decode call of `cache` (every sequence full, bf16 queries), its splits and
