@@ -31,9 +31,10 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SEED = 0x7451_4B56_5345_4544
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# struct DecodeParams: 13 u64, 6 u32, 4 f32, the exact-segment fields 6 u64, 4 u32, counters u64 (216 bytes;
-# this harness times plain caches with two launches: the last 11 are all zero)
-PARAMS_FMT = "<13Q6I4f6Q4IQ"
+# struct DecodeParams: 13 u64, 6 u32, 4 f32, the exact-segment fields 6 u64, 4 u32, counters u64,
+# exact_credit and padding u32 (224 bytes; this harness times plain caches with two launches: the
+# last 13 are all zero)
+PARAMS_FMT = "<13Q6I4f6Q4IQ2I"
 
 
 def find_file(*cands):
@@ -207,7 +208,7 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))

@@ -89,7 +89,7 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 /// Kernel parameters, passed by value. Pointers are device addresses (u64); the Rust side mirrors
-/// this struct field by field (#[repr(C)], 152 bytes).
+/// this struct field by field (#[repr(C)], 224 bytes).
 struct DecodeParams {
     u64 q;          // [num_seqs][num_kv_heads*GQA][HEAD_DIM] DTYPE
     u64 out;        // same shape and dtype
@@ -123,9 +123,12 @@ struct DecodeParams {
     u64 v_window;
     u32 sinks;      // exact sink positions 0..sinks
     u32 window_len; // exact recent-window slots
-    u32 exact;      // 1: slot num_splits-1 of each (sequence, KV head) is its exact block's (grid z >= num_seqs)
+    u32 exact;      // slot num_splits-1 of each (sequence, KV head) holds its exact partial, written by
+                    // 1: an exact block (grid z >= num_seqs); 2: the pair's last packed split, first
     u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
     u64 counters;   // u32 [num_seqs][num_kv_heads], zero between launches (MERGE_LAST; else unused)
+    u32 exact_credit; // exact = 2: tiles the last packed split gives up to the others for its exact work
+    u32 pad0;
 };
 
 // ---------------------------------------------------------------- compile-time geometry
@@ -137,6 +140,8 @@ constexpr int KB = D_BLK / 16;           // score mma k-chunks per norm block
 constexpr int NTB = D_BLK / 8;           // PV mma n-tiles per norm block
 constexpr int THREADS = WARPS * 32;
 constexpr int TILE = 16;                 // tokens per warp tile
+constexpr int EL = D / 32;               // dims per lane of a warp-held D-vector: lane l holds [l * EL, l * EL + EL)
+constexpr int HPW = (GQA + WARPS - 1) / WARPS; // query heads per warp (head h on warp h % WARPS)
 
 static_assert(D >= 64 && D <= 512 && (D & (D - 1)) == 0, "HEAD_DIM must be 64..512, power of two");
 static_assert(GQA >= 1 && GQA <= 8, "GQA must be 1..8 (heads on the mma rows 0..7)");
@@ -231,7 +236,12 @@ static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128
 /// Physical byte offset from the pipeline base of logical pipeline byte x (identity without HOLES).
 /// pofs(A + x) = PSC * A + pofs(x) for A a multiple of 128: only per-lane terms go through it.
 __device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
-constexpr int PROLOGUE_WORDS = QS_OFF + GQA * D + 16; // qs, amax [8], qmu [8]
+/// The group's raw queries and the rotation's signs, copied in at block start (cp.async).
+constexpr int QRAW_BYTES = GQA * D * (DTYPE == 0 ? 4 : 2);
+constexpr int QRAW_OFF = QS_OFF + GQA * D + 16; // words
+constexpr int SG_OFF = QRAW_OFF + QRAW_BYTES / 4;
+static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging");
+constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 /// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
 /// per-warp max and sum [WARPS][8] each, q.mu shifts [8].
@@ -671,48 +681,70 @@ __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b
     }
 }
 
+/// Codebook entries a lane loads for fill_table: entry lane (pair tables) or 32j + lane.
+template <int BITS>
+struct CbRegs {
+    static constexpr int N = Side<BITS>::PAIR ? 1 : Side<BITS>::ENTRIES / 32;
+    float x[N];
+};
+
+/// Starts this lane's codebook loads (issued before anything that depends on the lengths, so that
+/// after an L2 flush they do not queue behind the tile traffic).
+template <int BITS>
+__device__ __forceinline__ CbRegs<BITS> load_cb(const float* cb, u32 lane) {
+    CbRegs<BITS> r;
+    if constexpr (Side<BITS>::PAIR) {
+        r.x[0] = cb[lane & ((1u << BITS) - 1)];
+    } else {
+#pragma unroll
+        for (int j = 0; j < CbRegs<BITS>::N; ++j) r.x[j] = cb[32 * j + lane];
+    }
+    return r;
+}
+
 /// Fills a lane-replicated f16 codebook table (layout above: entry e of lane l at word e*32 + l,
-/// or with P8 at word e*64 + l) from the f32 codebook `cb` [1 << BITS]: one global load per lane,
-/// the entries by shuffles, warp w writing entries w, w + WARPS, ... (no barrier inside).
+/// or with P8 at word e*64 + l) from this lane's codebook loads (load_cb), the entries by
+/// shuffles, warp w writing entries w, w + WARPS, ... (no barrier inside).
 template <int BITS, bool P8>
-__device__ __forceinline__ void fill_table(u32* tab, const float* cb, u32 warp, u32 lane) {
+__device__ __forceinline__ void fill_table(u32* tab, const CbRegs<BITS>& cb, u32 warp, u32 lane) {
     typedef Side<BITS> S;
     if constexpr (S::PAIR) {
-        const float x = cb[lane & ((1u << BITS) - 1)];
+        const float x = cb.x[0];
         for (u32 e = warp; e < (u32)S::ENTRIES; e += WARPS) {
             const float lo = __shfl_sync(0xffffffffu, x, e & ((1u << BITS) - 1));
             const float hi = __shfl_sync(0xffffffffu, x, e >> BITS);
             tab[(P8 ? e * 64 : e * 32) + lane] = pack_h2(lo, hi);
         }
     } else {
-        constexpr int NX = S::ENTRIES / 32;
-        float x[NX];
 #pragma unroll
-        for (int j = 0; j < NX; ++j) x[j] = cb[32 * j + lane];
-#pragma unroll
-        for (int j = 0; j < NX; ++j)
+        for (int j = 0; j < CbRegs<BITS>::N; ++j)
             for (u32 e = warp; e < 32; e += WARPS) {
                 const u32 row = 32 * j + e;
-                tab[(P8 ? row * 64 : row * 32) + lane] = (u32)f32_to_f16(__shfl_sync(0xffffffffu, x[j], e));
+                tab[(P8 ? row * 64 : row * 32) + lane] = (u32)f32_to_f16(__shfl_sync(0xffffffffu, cb.x[j], e));
             }
     }
 }
 
-/// In-place unnormalized FWHT of ROWS rows of D floats in shared memory (butterflies
-/// x[j], x[j+h] <- x[j] + x[j+h], x[j] - x[j+h] for h = 1, 2, .., D/2), by the whole block; a
-/// barrier after each stage (the caller's writes of x must be behind a barrier).
-template <int ROWS = GQA>
-__device__ __forceinline__ void fwht_rows(float* x) {
-#pragma unroll 1
-    for (u32 h = 1; h < D; h <<= 1) {
-        for (u32 i = threadIdx.x; i < ROWS * D / 2; i += THREADS) {
-            const u32 r = i / (D / 2), k = i % (D / 2);
-            const u32 j = r * D + ((k & ~(h - 1)) << 1) + (k & (h - 1));
-            const float a = x[j], b = x[j + h];
-            x[j] = a + b;
-            x[j + h] = a - b;
+/// In-place unnormalized FWHT of one D-vector held by a warp (lane l: elements [l * EL, l * EL +
+/// EL)): butterflies x[j], x[j+h] <- x[j] + x[j+h], x[j] - x[j+h] for h = 1, 2, .., D/2, no barriers.
+__device__ __forceinline__ void fwht_warp(float (&v)[EL], u32 lane) {
+#pragma unroll
+    for (int h = 1; h < EL; h <<= 1)
+#pragma unroll
+        for (int i = 0; i < EL; ++i)
+            if (!(i & h)) {
+                const float a = v[i], b = v[i + h];
+                v[i] = a + b;
+                v[i + h] = a - b;
+            }
+#pragma unroll
+    for (u32 m = 1; m < 32; m <<= 1) {
+        const bool hi = (lane & m) != 0;
+#pragma unroll
+        for (int i = 0; i < EL; ++i) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[i], m);
+            v[i] = hi ? o - v[i] : v[i] + o;
         }
-        __syncthreads();
     }
 }
 
@@ -735,6 +767,9 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
     const float ninf = -__int_as_float(0x7f800000);
     float* x = sm;             // [GQA][D]
     float* mx_h = sm + GQA * D; // [GQA] max over the splits
+    float sg[EL];              // this lane's signs for the un-rotation
+#pragma unroll
+    for (int e = 0; e < EL; ++e) sg[e] = ((const float*)p.signs)[lane * EL + e];
     for (u32 h = warp; h < GQA; h += WARPS) {
         float m = ninf;
         for (u32 sp = lane; sp < p.num_splits; sp += 32) m = fmaxf(m, ld_cg(part_ml + 2 * (base + sp * GQA + h)));
@@ -810,10 +845,16 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
         }
     }
     __syncthreads();
-    fwht_rows(x);
-    const float* signs = (const float*)p.signs;
+    // Un-rotate, a warp per head: o = D H x / sqrt(d).
     qtype* out = (qtype*)p.out + ((u64)seq * p.num_kv_heads + kvh) * GQA * D;
-    for (u32 i = tid; i < GQA * D; i += THREADS) store_o(out + i, x[i] * INV_SQRT_D * signs[i % D]);
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        float v[EL];
+#pragma unroll
+        for (int e = 0; e < EL; ++e) v[e] = x[h * D + lane * EL + e];
+        fwht_warp(v, lane);
+#pragma unroll
+        for (int e = 0; e < EL; ++e) store_o(out + h * D + lane * EL + e, v[e] * INV_SQRT_D * sg[e]);
+    }
 }
 
 /// End of every tq_decode_split block (all threads, after the block's partial is written): with
@@ -825,24 +866,27 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
 __device__ __forceinline__ void merge_if_last(const DecodeParams& p, u32 seq, u32 kvh, u32* smem) {
 #if MERGE_LAST
     volatile u32* is_last = smem + SMEM_WORDS - 1;
-    __threadfence(); // this thread's partial is visible device-wide before the count
+    // The block's partial writes are ordered before thread 0's count by the barrier, and published
+    // device-wide by the count's release (cumulative); its acquire orders the last block's reads
+    // of the other partials after every other block's count (with the barrier after it).
     __syncthreads();
     if (threadIdx.x == 0) {
         u32* cnt = (u32*)p.counters + (u64)seq * p.num_kv_heads + kvh;
-        const u32 last = atomicAdd(cnt, 1u) == p.num_splits - 1;
+        u32 old;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
+        // Blocks per pair: num_splits, less the exact slot when the last packed split writes it.
+        const u32 last = old == p.num_splits - 1 - (p.exact == 2);
         if (last) *cnt = 0;
         *is_last = last;
     }
     __syncthreads();
     if (!*is_last) return;
-    __threadfence();
     merge_pair(p, seq, kvh, (float*)smem);
 #endif
 }
 
 // ---------------------------------------------------------------- the exact block
 
-constexpr int EL = D / 32;   // dims per lane in the exact block: lane l holds [l * EL, l * EL + EL)
 constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact tokens per warp whose rows load together
 
 /// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
@@ -1021,22 +1065,18 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
         q_s[i] = acc * (THREADS % D == 0 ? sg0 : signs[i % D] * pv_scale);
     }
     __syncthreads();
-    // Rotate: FWHT of each head's row, then / sqrt(d).
-#pragma unroll 1
-    for (u32 hs = 1; hs < D; hs <<= 1) {
-        for (u32 i = tid; i < GQA * D / 2; i += THREADS) {
-            const u32 hd = i / (D / 2), k = i % (D / 2);
-            const u32 j = hd * D + (k / hs) * 2 * hs + (k % hs);
-            const float a = q_s[j], b = q_s[j + hs];
-            q_s[j] = a + b;
-            q_s[j + hs] = a - b;
-        }
-        __syncthreads();
-    }
+    // Rotate, a warp per head: FWHT of the head's row, then / sqrt(d).
     const u64 part_base = (pair * p.num_splits + slot) * GQA;
     float* part_o = (float*)p.part_o + part_base * D;
     float* part_ml = (float*)p.part_ml + part_base * 2;
-    for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = q_s[i] * INV_SQRT_D;
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        float v[EL];
+#pragma unroll
+        for (int e = 0; e < EL; ++e) v[e] = q_s[h * D + lane * EL + e];
+        fwht_warp(v, lane);
+#pragma unroll
+        for (int e = 0; e < EL; ++e) part_o[h * D + lane * EL + e] = v[e] * INV_SQRT_D;
+    }
     if (tid < GQA) {
         float mx = ninf, sum = 0.0f;
 #pragma unroll
@@ -1078,11 +1118,39 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3, lane4 = lane * 4;
+    const u64 pair_idx = (u64)seq * p.num_kv_heads + kvh;
+
+    // Loads that depend on nothing else go first: after an L2 flush they would otherwise queue
+    // behind every block's tile traffic. This lane's codebook entries into registers; the
+    // group's queries and the signs into shared memory (one cp.async group, older than the
+    // tiles'; registers held this long would cost the token loop some).
+    const CbRegs<K_BITS> cb_k = load_cb<K_BITS>((const float*)p.k_codebook, lane);
+    CbRegs<V_BITS> cb_v;
+    if constexpr (!SHARED_TAB) cb_v = load_cb<V_BITS>((const float*)p.v_codebook, lane);
+    const qtype* q = (const qtype*)p.q + pair_idx * GQA * D;
 
     const u32 len = ((const u32*)p.seq_lens)[seq];
     const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
-    u32 start = visible_start(p, seq, len);
-    const u32 packed_splits = p.num_splits - p.exact; // == gridDim.x
+    const u32 vis = visible_start(p, seq, len);
+    u32 start = vis;
+    const u32 packed_splits = p.num_splits - (p.exact != 0); // == gridDim.x
+    // exact = 2: this pair's last packed split first scores the exact sinks and window (slot
+    // num_splits - 1) and streams exact_credit fewer tiles than the others.
+    const bool folded = p.exact == 2 && split == packed_splits - 1;
+    if (folded) {
+        exact_block(p, seq, kvh, len, vis, p.num_splits - 1, (float*)smem);
+        __syncthreads(); // exact_block's shared memory is the tables', pipelines' and staging's
+    }
+    {
+        constexpr u32 NQ = QRAW_BYTES / 16, NS = D * 4 / 16;
+        for (u32 i = tid; i < NQ + NS; i += THREADS) {
+            if (i < NQ)
+                cp_async<16>(smem_addr(smem + QRAW_OFF) + 16 * i, (const u8*)q + 16 * i);
+            else
+                cp_async<16>(smem_addr(smem + SG_OFF) + 16 * (i - NQ), (const u8*)p.signs + 16 * (i - NQ));
+        }
+        cp_async_commit();
+    }
     // Packed positions: [max(start, sinks), min(len, frontier)).
     u32 end = len;
     if (p.frontiers) {
@@ -1096,16 +1164,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const u32 begin = start;
     start -= start % TILE;
     const u32 ntiles = begin < end ? (end - start + TILE - 1) / TILE : 0;
-    const u32 per = (ntiles + packed_splits - 1) / packed_splits;
+    const u32 credit = p.exact == 2 ? p.exact_credit : 0;
+    const u32 per = (ntiles + credit + packed_splits - 1) / packed_splits;
     const u32 t_begin = split * per < ntiles ? split * per : ntiles;
     const u32 t_end = t_begin + per < ntiles ? t_begin + per : ntiles;
 
-    const u64 pair_idx = (u64)seq * p.num_kv_heads + kvh;
     const u64 part_base = (pair_idx * p.num_splits + split) * GQA;
     float* part_o = (float*)p.part_o + part_base * D;
     float* part_ml = (float*)p.part_ml + part_base * 2;
 
     if (t_begin >= t_end) {
+        cp_async_wait<0>(); // the staging lands before merge_if_last reuses shared memory
         for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = 0.0f;
         if (tid < GQA) {
             part_ml[2 * tid] = -__int_as_float(0x7f800000);
@@ -1141,25 +1210,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
     }
     // Codebook tables (f16), lane-replicated.
-    fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, (const float*)p.k_codebook, warp, lane);
-    if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8>(smem + TAB_V_OFF, (const float*)p.v_codebook, warp, lane);
-    // Rotate the group's queries: qs = FWHT(D q) (unnormalized), amax = max |qs| per head.
+    fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, cb_k, warp, lane);
+    if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8>(smem + TAB_V_OFF, cb_v, warp, lane);
+    // Rotate the group's queries, a warp per head: qs = FWHT(D q) (unnormalized), amax = max |qs|
+    // per head; amax[8 + h] = scale * q.mu, what the centered packed keys miss, added to the
+    // packed scores only before a softcap (else the exact scores subtract it: exact_block).
     float* qs = (float*)(smem + QS_OFF);
     float* amax = qs + GQA * D;
     {
-        const float* signs = (const float*)p.signs;
-        const qtype* q = (const qtype*)p.q + ((u64)seq * p.num_kv_heads * GQA + (u64)kvh * GQA) * D;
-        for (u32 i = tid; i < GQA * D; i += THREADS) qs[i] = load_q(q + i) * signs[i % D];
+        cp_async_wait<STAGES - 1>(); // the staging group (older than the STAGES - 1 tiles')
         __syncthreads();
-        fwht_rows(qs);
-        // qmu = scale * q.mu per head, what the centered packed keys miss; added here only before
-        // a softcap (else the exact block subtracts it from its scores: exact_block).
+        const qtype* qr = (const qtype*)(smem + QRAW_OFF);
+        const float* sg = (const float*)(smem + SG_OFF);
         const float* mu = p.key_mean && p.softcap > 0.0f ? (const float*)p.key_mean + pair_idx * D : nullptr;
-        for (u32 hd = warp; hd < GQA; hd += WARPS) {
-            float m = 0.0f, qm = 0.0f;
-            for (u32 i = lane; i < D; i += 32) {
-                m = fmaxf(m, fabsf(qs[hd * D + i]));
-                if (mu) qm += load_q(q + hd * D + i) * mu[i];
+#pragma unroll
+        for (int j = 0; j < HPW; ++j) {
+            const u32 h = warp + j * WARPS;
+            if (h >= GQA) break;
+            float v[EL], qm = 0.0f;
+#pragma unroll
+            for (int e = 0; e < EL; ++e) {
+                const u32 i = lane * EL + e;
+                const float x = load_q(qr + h * D + i);
+                v[e] = x * sg[i];
+                if (mu) qm += x * mu[i];
+            }
+            fwht_warp(v, lane);
+            float m = 0.0f;
+#pragma unroll
+            for (int e = 0; e < EL; ++e) {
+                m = fmaxf(m, fabsf(v[e]));
+                qs[h * D + lane * EL + e] = v[e];
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -1167,11 +1248,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 qm += __shfl_xor_sync(0xffffffffu, qm, o);
             }
             if (lane == 0) {
-                amax[hd] = m;
-                amax[8 + hd] = p.scale * qm;
+                amax[h] = m;
+                amax[8 + h] = p.scale * qm;
             }
         }
-        __syncthreads();
+        __syncthreads(); // tables, qs and amax
     }
     // Score-side A fragments: row g = query head, k slots (2c, 2c+1 | 2c+8, 2c+9) of chunk kb in
     // block b <-> dims b*256 + c*D_BLK/4 + 4kb + (0, 1 | 2, 3).

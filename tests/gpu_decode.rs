@@ -386,7 +386,7 @@ fn decode_params_mirror_has_the_kernels_size() {
             info.params_bytes as usize,
             std::mem::size_of::<DecodeParams>()
         );
-        assert_eq!(info.params_bytes, 216);
+        assert_eq!(info.params_bytes, 224);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
         assert!(info.blocks_per_sm >= 1, "{info:?}");
         println!("decode kernel heads {heads} {dtype:?}: {info:?}");

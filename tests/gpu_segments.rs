@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{device, Gauss};
 use tqkv::cpu::{attention, AttentionConfig};
-use tqkv::cuda::{BatchCache, CudaDevice, DeviceBuffer};
+use tqkv::cuda::{BatchCache, CudaDevice, DeviceBuffer, ExactPlacement};
 use tqkv::{CacheLayout, CacheMode, CacheOptions, DType, KvCache, Preset, Side, Src};
 
 /// Relative L2 error allowed over one case's whole output (as tests/gpu_decode.rs).
@@ -144,6 +144,16 @@ fn compare_attention(
     rel
 }
 
+/// Every placement of the exact work: the default rule, extra blocks, folded into the last
+/// packed split with no credit, and with a credit larger than any split (that split streams no
+/// packed tile).
+const PLACEMENTS: [Option<ExactPlacement>; 4] = [
+    None,
+    Some(ExactPlacement::Blocks),
+    Some(ExactPlacement::Folded { credit: 0 }),
+    Some(ExactPlacement::Folded { credit: 1000 }),
+];
+
 #[test]
 fn decode_over_exact_segments_and_centered_keys_matches_cpu_attention() {
     let Some(dev) = device() else { return };
@@ -177,15 +187,19 @@ fn decode_over_exact_segments_and_centered_keys_matches_cpu_attention() {
                 for (i, c) in cpu.iter().enumerate() {
                     batch.upload(i, c).expect("upload");
                 }
-                for (cfg_name, cfg) in [
-                    ("plain", AttentionConfig::new(128)),
-                    (
-                        "window 40 + softcap 30",
-                        AttentionConfig::new(128).with_window(40).with_softcap(30.0),
-                    ),
-                ] {
-                    let what = format!("{name}, {kb}/{vb}, {mode:?}, {cfg_name}");
-                    compare_attention(&batch, &cpu, 8, &cfg, 7, &what);
+                for placement in PLACEMENTS {
+                    batch.set_exact_placement(placement);
+                    for (cfg_name, cfg) in [
+                        ("plain", AttentionConfig::new(128)),
+                        (
+                            "window 40 + softcap 30",
+                            AttentionConfig::new(128).with_window(40).with_softcap(30.0),
+                        ),
+                    ] {
+                        let what =
+                            format!("{name}, {kb}/{vb}, {mode:?}, {cfg_name}, {placement:?}");
+                        compare_attention(&batch, &cpu, 8, &cfg, 7, &what);
+                    }
                 }
             }
         }
@@ -193,7 +207,7 @@ fn decode_over_exact_segments_and_centered_keys_matches_cpu_attention() {
 }
 
 #[test]
-fn exact_blocks_serve_every_sequence_of_a_large_batch() {
+fn every_exact_placement_serves_every_sequence_of_a_large_batch() {
     let Some(dev) = device() else { return };
     // 40 sequences × 2 kv heads: few packed splits, so the exact blocks span many grid slices.
     let l = layout(2, 128, 3000, 4, 4);
@@ -214,14 +228,17 @@ fn exact_blocks_serve_every_sequence_of_a_large_batch() {
     for (i, c) in cpu.iter().enumerate() {
         batch.upload(i, c).expect("upload");
     }
-    compare_attention(
-        &batch,
-        &cpu,
-        8,
-        &AttentionConfig::new(128),
-        3,
-        "40 sequences, tq4 options",
-    );
+    for placement in PLACEMENTS {
+        batch.set_exact_placement(placement);
+        compare_attention(
+            &batch,
+            &cpu,
+            8,
+            &AttentionConfig::new(128),
+            3,
+            &format!("40 sequences, tq4 options, {placement:?}"),
+        );
+    }
 }
 
 /// Appends `steps` tokens to every sequence on the GPU and the CPU and compares every plane

@@ -57,6 +57,52 @@ pub struct DecodeKernelInfo {
     pub variant: DecodeVariant,
 }
 
+/// Where a launch scores the exact sinks and window of a cache that has them
+/// (`DecodeParams::exact`); their partial is one more slot of each (sequence, kv head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExactPlacement {
+    /// One more block per (sequence, kv head), dispatched after the packed blocks (grid z-slices
+    /// past the sequences): they fill the block slots the packed wave leaves free.
+    Blocks,
+    /// The last packed split of each pair scores them before its packed tiles and streams
+    /// `credit` fewer tiles than the pair's other splits.
+    Folded { credit: u32 },
+}
+
+/// Tiles the folding split gives up by default: ~12 µs of exact work against ~0.25 µs per tile
+/// per block at 2 blocks per SM (H100, 4/4 bits, head_dim 128; bench/NOTES-decode.md).
+pub const EXACT_CREDIT_TILES: u32 = 48;
+
+impl ExactPlacement {
+    /// `blocks` or `fold:CREDIT` (credit in tiles of 16 positions).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            None if s == "blocks" => Ok(Self::Blocks),
+            Some(("fold", n)) => n
+                .parse()
+                .map(|credit| Self::Folded { credit })
+                .map_err(|_| {
+                    TqError::InvalidArgument(format!(
+                        "exact placement {s:?}: credit {n:?} is not a tile count"
+                    ))
+                }),
+            _ => invalid!("exact placement {s:?}: expected \"blocks\" or \"fold:CREDIT\""),
+        }
+    }
+}
+
+/// The default placement: folded when a pair has at least two packed splits (the others take over
+/// the credit), else extra blocks (a single split would stream its tiles after the exact work).
+pub fn exact_placement(packed_splits: u32) -> ExactPlacement {
+    if packed_splits >= 2 {
+        ExactPlacement::Folded {
+            credit: EXACT_CREDIT_TILES,
+        }
+    } else {
+        ExactPlacement::Blocks
+    }
+}
+
 /// Compile-time shape of `tq_decode_split` beyond the cache's bits and head_dim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DecodeVariant {
@@ -139,6 +185,9 @@ pub(super) struct DecodeState {
     counters: Mutex<Option<CudaSlice<u32>>>,
     /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
     variant: Option<DecodeVariant>,
+    /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else
+    /// [`exact_placement`].
+    exact_placement: Option<ExactPlacement>,
 }
 
 fn dtype_code(d: DType) -> i64 {
@@ -211,6 +260,12 @@ impl BatchCache {
             .map_err(|_| TqError::Cuda("decode attention: lock poisoned".into()))?
             .clear();
         Ok(())
+    }
+
+    /// Chooses where the exact sinks and window are scored (`None`: [`exact_placement`]); for
+    /// tuning and tests. Takes effect at the next launch.
+    pub fn set_exact_placement(&mut self, placement: Option<ExactPlacement>) {
+        self.decode.exact_placement = placement;
     }
 
     /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
@@ -432,11 +487,23 @@ impl BatchCache {
             return Ok(());
         }
         let k = self.decode_kernel(gqa, dtype)?;
-        // One more block per (sequence, kv head) attends to the exact sinks and window (one more
-        // partial slot): grid z-slices past the sequences, `packed` blocks per (z, kv head).
-        let exact = u32::from(self.sinks + self.window > 0);
+        // The exact sinks and window take one more partial slot per (sequence, kv head), written
+        // by extra blocks (grid z-slices past the sequences, `packed` blocks per (z, kv head)) or
+        // by each pair's last packed split.
         let packed = self.splits_for(&k.info, cfg);
-        let splits = packed + exact;
+        let (exact, exact_credit) = if self.sinks + self.window == 0 {
+            (0, 0)
+        } else {
+            match self
+                .decode
+                .exact_placement
+                .unwrap_or_else(|| exact_placement(packed))
+            {
+                ExactPlacement::Blocks => (1, 0),
+                ExactPlacement::Folded { credit } => (2, credit),
+            }
+        };
+        let splits = packed + u32::from(exact != 0);
         let exact_z = if exact == 1 {
             self.num_seqs.div_ceil(packed as usize)
         } else {
@@ -549,6 +616,8 @@ impl BatchCache {
             exact,
             exact_bf16: u32::from(self.options().exact_dtype == DType::Bf16),
             counters: cnt_ptr,
+            exact_credit,
+            pad0: 0,
         };
         let split_cfg = LaunchConfig {
             grid_dim: (
@@ -598,6 +667,38 @@ mod tests {
         for (blocks, want) in [(3, [45, 6, 3]), (2, [30, 4, 1])] {
             let got = [1, 8, 32].map(|b| num_splits(b * 8, 132 * blocks, tiles, 4));
             assert_eq!(got, want, "{blocks} blocks per SM");
+        }
+    }
+
+    #[test]
+    fn exact_work_folds_into_a_split_only_when_the_pair_has_others_to_take_its_credit() {
+        assert_eq!(exact_placement(1), ExactPlacement::Blocks);
+        for s in [2, 4, 30] {
+            assert_eq!(
+                exact_placement(s),
+                ExactPlacement::Folded {
+                    credit: EXACT_CREDIT_TILES
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn exact_placements_parse_or_name_the_bad_value() {
+        assert_eq!(
+            ExactPlacement::parse("blocks").ok(),
+            Some(ExactPlacement::Blocks)
+        );
+        assert_eq!(
+            ExactPlacement::parse("fold:48").ok(),
+            Some(ExactPlacement::Folded { credit: 48 })
+        );
+        for bad in ["", "fold", "fold:-1", "fold:x", "block", "blocks:2"] {
+            let e = ExactPlacement::parse(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("exact placement") && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
         }
     }
 

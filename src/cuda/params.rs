@@ -101,14 +101,19 @@ pub struct DecodeParams {
     pub sinks: u32,
     /// Exact recent-window slots.
     pub window_len: u32,
-    /// 1: slot `num_splits - 1` of each (sequence, kv head) is its exact block's (the grid's
-    /// z-slices past `num_seqs`).
+    /// 0: no exact segments; else slot `num_splits - 1` of each (sequence, kv head) holds the
+    /// partial of its exact sinks and window, written by 1: an exact block (the grid's z-slices
+    /// past `num_seqs`), 2: the pair's last packed split, before its packed tiles.
     pub exact: u32,
     /// 1: the exact planes hold bf16, 0: f16.
     pub exact_bf16: u32,
     /// u32 `[num_seqs, num_kv_heads]` split counters of the last-block merge, zero between
     /// launches (the last block of each pair resets its counter); unused without `MERGE_LAST`.
     pub counters: u64,
+    /// `exact == 2`: tiles the last packed split of a pair streams fewer than the others (the
+    /// time its exact work takes).
+    pub exact_credit: u32,
+    pub pad0: u32,
 }
 
 /// Parameters of `tq_append_stage` (`struct AppendParams` in kernels/quantize.cu). Pointers are
@@ -160,7 +165,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
         // kernels/decode_attention.cu: 20 u64, 10 u32, 4 f32 (its tq_decode_params_bytes).
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 216);
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 224);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
         // kernels/quantize.cu: 12 u64, 4 u32.
         assert_eq!(std::mem::size_of::<AppendParams>(), 112);

@@ -11,7 +11,7 @@ use half::f16;
 use tqkv::cpu::AttentionConfig;
 use tqkv::cuda::{
     BatchCache, BufferDType, CudaCodec, CudaDevice, CudaStream, DecodeVariant, DeviceBuffer,
-    SeqPlanes,
+    ExactPlacement, SeqPlanes,
 };
 use tqkv::{
     cpu, CacheLayout, CacheMode, Codec, DType, Domain, Dst, KvCache, Preset, Result, Side, Src,
@@ -70,6 +70,11 @@ struct DecodeArgs {
     /// How the L2 is emptied before each timed call.
     #[arg(long, value_enum, default_value_t = Flush::Write)]
     flush: Flush,
+    /// Where the presets' exact sinks and window are scored: `blocks` (extra blocks) or
+    /// `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer) instead of the default
+    /// rule, for tuning.
+    #[arg(long, value_parser = parse_exact)]
+    exact: Option<ExactPlacement>,
 }
 
 /// The L2 flush before each timed decode call (256 MB).
@@ -163,6 +168,10 @@ fn parse_preset_arg(s: &str) -> std::result::Result<Option<Preset>, String> {
 
 fn parse_variant(s: &str) -> std::result::Result<DecodeVariant, String> {
     DecodeVariant::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_exact(s: &str) -> std::result::Result<ExactPlacement, String> {
+    ExactPlacement::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -653,6 +662,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
             for &batch in &a.batches {
                 let mut cache = BatchCache::with_options(dev.clone(), l, preset.options(), batch)?;
                 cache.set_decode_variant(a.variant)?;
+                cache.set_exact_placement(a.exact);
                 for seq in 0..batch {
                     cache.upload(seq, &prompt)?;
                 }
