@@ -244,8 +244,8 @@ static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging"
 constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 /// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
-/// per-warp max and sum [WARPS][8] each, q.mu shifts [8].
-constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 2 * WARPS * 8 + 8;
+/// per-warp max and sum [WARPS][8] each.
+constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 2 * WARPS * 8;
 
 constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
 constexpr int SMEM_WORDS = SMEM_WORDS0 > EXACT_WORDS ? SMEM_WORDS0 : EXACT_WORDS;
@@ -887,7 +887,11 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, u32 seq, u3
 
 // ---------------------------------------------------------------- the exact block
 
-constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact tokens per warp whose rows load together
+constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact slots per warp whose rows load together
+__host__ __device__ constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
+/// Exact slots scored together (their dot products reduced at once): <= 16 / GQA partial sums.
+constexpr int XS = pow2_floor(16 / GQA) < EX_CHUNK ? pow2_floor(16 / GQA) : EX_CHUNK;
+static_assert(EX_CHUNK % XS == 0, "slot groups tile a chunk");
 
 /// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
 __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, float (&x)[EL]) {
@@ -916,27 +920,38 @@ __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, fl
     }
 }
 
-/// Positions and rows of the exact tokens of one (sequence, KV head): t < n_s are sinks
-/// start + t, the rest window positions w_begin + (t - n_s).
+/// Rows of the exact slots of one (sequence, KV head): slot t < S is sink position t, slot
+/// t >= S window slot t - S (position p at p % W).
 struct ExactRows {
     const u16 *ks, *vs, *kw, *vw;
-    u32 start, n_s, w_begin, window;
+    u32 S;
 };
 
-/// Starts loading the K and V rows of exact tokens t0, t0 + WARPS, ... (EX_CHUNK of them; past
-/// n, token t0 again, unused) into this lane's registers.
-__device__ __forceinline__ void load_exact_chunk(const ExactRows& r, u32 t0, u32 n, u32 lane, bool bf,
+/// Starts loading the K and V rows of exact slots t0, t0 + WARPS, ... (EX_CHUNK of them; past
+/// nslot, slot t0 again, unused) into this lane's registers. Every slot is allocated memory, so
+/// this needs neither the frontier nor which slots are in use.
+__device__ __forceinline__ void load_exact_slots(const ExactRows& r, u32 t0, u32 nslot, u32 lane, bool bf,
                                                  float (&kx)[EX_CHUNK][EL], float (&vx)[EX_CHUNK][EL]) {
 #pragma unroll
     for (int j = 0; j < EX_CHUNK; ++j) {
         const u32 tj = t0 + j * WARPS;
-        const u32 t = tj < n ? tj : t0;
-        const bool sink = t < r.n_s;
-        const u32 pos = sink ? r.start + t : r.w_begin + (t - r.n_s);
-        const u64 at = (u64)(sink ? pos : pos % r.window) * D;
+        const u32 t = tj < nslot ? tj : t0;
+        const bool sink = t < r.S;
+        const u64 at = (u64)(sink ? t : t - r.S) * D;
         load_exact((sink ? r.ks : r.kw) + at, lane, bf, kx[j]);
         load_exact((sink ? r.vs : r.vw) + at, lane, bf, vx[j]);
     }
+}
+
+/// Whether exact slot t holds a position the query attends to: sinks [start, min(S, len)),
+/// window positions [w_begin, len) (window slot i holds the newest position p < len with
+/// p % W == i).
+__device__ __forceinline__ bool exact_slot_live(u32 t, u32 S, u32 W, u32 len, u32 start, u32 w_begin) {
+    if (t < S) return t >= start && t < len;
+    const u32 i = t - S;
+    if (i >= len) return false;
+    const u32 pos = i + W * ((len - 1 - i) / W);
+    return pos >= w_begin;
 }
 
 /// The exact segments of (seq, kvh) for its GQA query heads as one more partial, slot `slot`:
@@ -945,27 +960,20 @@ __device__ __forceinline__ void load_exact_chunk(const ExactRows& r, u32 t0, u32
 /// softcap, online softmax in log2 units; the value sum is rotated (H D o / sqrt(d), times
 /// pv_scale) so the merge treats it like a packed split. Centered packed keys miss scale * q.mu
 /// in their scores: with a softcap the packed blocks add it, else the exact scores subtract it
-/// (softmax is shift-invariant; the packed blocks then read no mu). Exact token t goes to warp
-/// t % WARPS, which scores it against every head of the group (its rows are read once, one
-/// memory round trip for up to WARPS * EX_CHUNK tokens); the warps' states merge in shared
-/// memory (`sm`, EXACT_WORDS).
+/// (softmax is shift-invariant; the packed blocks then read no mu). Exact slot t goes to warp
+/// t % WARPS, which scores it against every head of the group. One memory round trip after the
+/// length: the frontier, queries, mu and the rows of every slot (up to WARPS * EX_CHUNK of them)
+/// load together, unused slots are skipped after. The warps' states merge in shared memory
+/// (`sm`, EXACT_WORDS).
 __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
     // Parameters read once into registers (the shared-memory stores below may alias `p` for the
     // compiler, which would otherwise reload them).
     const float scale = p.scale, softcap = p.softcap, pv_scale = p.pv_scale;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 pair = (u64)seq * p.num_kv_heads + kvh;
-    const u32 S = p.sinks, W = p.window_len;
-    const u32 frontier = p.frontiers ? ((const u32*)p.frontiers)[seq] : len;
-    const u32 s_end = S < len ? S : len;
-    u32 w_begin = start > S ? start : S;
-    if (frontier > w_begin) w_begin = frontier;
-    if (w_begin > len) w_begin = len;
-    const u32 n_s = start < s_end ? s_end - start : 0;
-    const u32 n = n_s + (len - w_begin);
+    const u32 S = p.sinks, W = p.window_len, nslot = S + W;
     const ExactRows rows = {(const u16*)p.k_sinks + pair * S * D, (const u16*)p.v_sinks + pair * S * D,
-                            (const u16*)p.k_window + pair * W * D, (const u16*)p.v_window + pair * W * D,
-                            start, n_s, w_begin, W};
+                            (const u16*)p.k_window + pair * W * D, (const u16*)p.v_window + pair * W * D, S};
     const bool bf = p.exact_bf16 != 0;
     const bool shift = p.key_mean != 0 && !(softcap > 0.0f);
     const float ninf = -__int_as_float(0x7f800000);
@@ -974,69 +982,106 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     float* o_s = q_s + GQA * D;             // [WARPS][GQA][D]
     float* m_s = o_s + WARPS * GQA * D;     // [WARPS][8]
     float* l_s = m_s + WARPS * 8;           // [WARPS][8]
-    float* qmu_s = l_s + WARPS * 8;         // [8]: scale * q.mu (0 unless shift)
     const qtype* q = (const qtype*)p.q + pair * GQA * D;
-    {
-        // All of this thread's query loads before any store (the stores may alias them).
-        constexpr int QT = (GQA * D + THREADS - 1) / THREADS;
-        float qv[QT];
+    // All loads first (the stores below may alias them for the compiler).
+    const u32 frontier = p.frontiers ? ((const u32*)p.frontiers)[seq] : len;
+    constexpr int QT = (GQA * D + THREADS - 1) / THREADS;
+    float qv[QT];
 #pragma unroll
-        for (int k = 0; k < QT; ++k) qv[k] = tid + k * THREADS < GQA * D ? load_q(q + tid + k * THREADS) : 0.0f;
+    for (int k = 0; k < QT; ++k) qv[k] = tid + k * THREADS < GQA * D ? load_q(q + tid + k * THREADS) : 0.0f;
+    float muv[EL];
 #pragma unroll
-        for (int k = 0; k < QT; ++k)
-            if (tid + k * THREADS < GQA * D) q_s[tid + k * THREADS] = qv[k];
-    }
-    for (u32 h = warp; h < GQA; h += WARPS) {
-        const float* mu = (const float*)p.key_mean + pair * D;
-        float a = 0.0f;
-        if (shift)
-            for (u32 i = lane; i < D; i += 32) a += load_q(q + h * D + i) * mu[i];
+    for (int e = 0; e < EL; ++e) muv[e] = shift ? ((const float*)p.key_mean)[pair * D + lane * EL + e] : 0.0f;
+    float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
+    if (warp < nslot) load_exact_slots(rows, warp, nslot, lane, bf, kx, vx);
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-        if (lane == 0) qmu_s[h] = scale * a;
-    }
+    for (int k = 0; k < QT; ++k)
+        if (tid + k * THREADS < GQA * D) q_s[tid + k * THREADS] = qv[k];
     float* o_w = o_s + warp * GQA * D;
 #pragma unroll
     for (int h = 0; h < GQA; ++h)
 #pragma unroll
         for (int e = 0; e < EL; ++e) o_w[h * D + lane * EL + e] = 0.0f;
     __syncthreads();
+    // scale * q.mu per head (every warp computes all of them: no further barrier).
+    float qmu[GQA];
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        float a = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EL; ++e) a += q_s[h * D + lane * EL + e] * muv[e];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+        qmu[h] = shift ? scale * a : 0.0f;
+    }
+    u32 w_begin = start > S ? start : S;
+    if (frontier > w_begin) w_begin = frontier;
     float m[GQA], l[GQA];
 #pragma unroll
     for (int h = 0; h < GQA; ++h) {
         m[h] = ninf;
         l[h] = 0.0f;
     }
-    // This warp's tokens t = warp + WARPS * i, EX_CHUNK at a time.
+    // This warp's slots t = warp + WARPS * i, EX_CHUNK at a time (the first chunk loaded above).
+    // Per XS slots of a chunk: every (slot, head) dot product at once (independent shuffle
+    // reductions, not one dependent chain per slot), then one online-softmax step per head.
 #pragma unroll 1
-    for (u32 t0 = warp; t0 < n; t0 += WARPS * EX_CHUNK) {
-        float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
-        load_exact_chunk(rows, t0, n, lane, bf, kx, vx);
+    for (u32 t0 = warp; t0 < nslot; t0 += WARPS * EX_CHUNK) {
+        if (t0 != warp) load_exact_slots(rows, t0, nslot, lane, bf, kx, vx);
 #pragma unroll
-        for (int j = 0; j < EX_CHUNK; ++j) {
-            if (t0 + j * WARPS >= n) break;
+        for (int j0 = 0; j0 < EX_CHUNK; j0 += XS) {
+            float x[XS][GQA];
+#pragma unroll
+            for (int j = 0; j < XS; ++j)
+#pragma unroll
+                for (int h = 0; h < GQA; ++h) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < EL; ++e) dot += q_s[h * D + lane * EL + e] * kx[j0 + j][e];
+                    x[j][h] = dot;
+                }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+                for (int j = 0; j < XS; ++j)
+#pragma unroll
+                    for (int h = 0; h < GQA; ++h) x[j][h] += __shfl_xor_sync(0xffffffffu, x[j][h], off);
+            bool live[XS];
+#pragma unroll
+            for (int j = 0; j < XS; ++j) {
+                const u32 t = t0 + (j0 + j) * WARPS;
+                live[j] = t < nslot && exact_slot_live(t, S, W, len, start, w_begin);
+            }
 #pragma unroll
             for (int h = 0; h < GQA; ++h) {
-                float dot = 0.0f;
+                float m_new = m[h];
 #pragma unroll
-                for (int e = 0; e < EL; ++e) dot += q_s[h * D + lane * EL + e] * kx[j][e];
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-                float x = scale * dot;
-                if (softcap > 0.0f) {
-                    const float ez = ex2(2.0f * LOG2E * x * inv_cap);
-                    x = softcap * (1.0f - 2.0f / (ez + 1.0f));
+                for (int j = 0; j < XS; ++j) {
+                    float v = scale * x[j][h];
+                    if (softcap > 0.0f) {
+                        const float ez = ex2(2.0f * LOG2E * v * inv_cap);
+                        v = softcap * (1.0f - 2.0f / (ez + 1.0f));
+                    }
+                    v = (v - qmu[h]) * LOG2E;
+                    x[j][h] = v;
+                    if (live[j]) m_new = fmaxf(m_new, v);
                 }
-                x = (x - qmu_s[h]) * LOG2E;
-                const float m_new = fmaxf(m[h], x);
-                const float corr = ex2(m[h] - m_new), pj = ex2(x - m_new);
-                l[h] = l[h] * corr + pj;
+                if (m_new == ninf) continue; // no live slot yet
+                const float corr = ex2(m[h] - m_new);
+                float acc[EL], lsum = 0.0f;
+#pragma unroll
+                for (int e = 0; e < EL; ++e) acc[e] = o_w[h * D + lane * EL + e] * corr;
+#pragma unroll
+                for (int j = 0; j < XS; ++j) {
+                    const float pj = live[j] ? ex2(x[j][h] - m_new) : 0.0f;
+                    lsum += pj;
+#pragma unroll
+                    for (int e = 0; e < EL; ++e) acc[e] += pj * vx[j0 + j][e];
+                }
+#pragma unroll
+                for (int e = 0; e < EL; ++e) o_w[h * D + lane * EL + e] = acc[e];
+                l[h] = l[h] * corr + lsum;
                 m[h] = m_new;
-#pragma unroll
-                for (int e = 0; e < EL; ++e) {
-                    float& o = o_w[h * D + lane * EL + e];
-                    o = o * corr + pj * vx[j][e];
-                }
             }
         }
     }

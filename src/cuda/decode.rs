@@ -69,9 +69,9 @@ pub enum ExactPlacement {
     Folded { credit: u32 },
 }
 
-/// Tiles the folding split gives up by default: ~12 µs of exact work against ~0.25 µs per tile
-/// per block at 2 blocks per SM (H100, 4/4 bits, head_dim 128; bench/NOTES-decode.md).
-pub const EXACT_CREDIT_TILES: u32 = 48;
+/// Tiles the folding split gives up by default: the best of 16, 32, 48 and 64 measured at batch
+/// 1 and 8, context 16384 and 65536 (H100, tq4, head_dim 128; bench/NOTES-decode.md).
+pub const EXACT_CREDIT_TILES: u32 = 64;
 
 impl ExactPlacement {
     /// `blocks` or `fold:CREDIT` (credit in tiles of 16 positions).
