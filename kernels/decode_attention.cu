@@ -244,8 +244,8 @@ static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging"
 constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
 constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
 /// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
-/// per-warp max and sum [WARPS][8] each.
-constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 2 * WARPS * 8;
+/// per-warp running max, sum and scale * q.mu [WARPS][8] each.
+constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 3 * WARPS * 8;
 
 constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
 constexpr int SMEM_WORDS = SMEM_WORDS0 > EXACT_WORDS ? SMEM_WORDS0 : EXACT_WORDS;
@@ -887,11 +887,16 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, u32 seq, u3
 
 // ---------------------------------------------------------------- the exact block
 
+/// The first position the query at len - 1 attends to (ring flag `ring`, sliding window).
+__device__ __forceinline__ u32 visible_start(bool ring, const DecodeParams& p, u32 len) {
+    u32 start = 0;
+    if (ring && len > p.capacity) start = len - p.capacity;
+    if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
+    return start;
+}
+
+
 constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact slots per warp whose rows load together
-__host__ __device__ constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
-/// Exact slots scored together (their dot products reduced at once): <= 16 / GQA partial sums.
-constexpr int XS = pow2_floor(16 / GQA) < EX_CHUNK ? pow2_floor(16 / GQA) : EX_CHUNK;
-static_assert(EX_CHUNK % XS == 0, "slot groups tile a chunk");
 
 /// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
 __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, float (&x)[EL]) {
@@ -961,11 +966,11 @@ __device__ __forceinline__ bool exact_slot_live(u32 t, u32 S, u32 W, u32 len, u3
 /// pv_scale) so the merge treats it like a packed split. Centered packed keys miss scale * q.mu
 /// in their scores: with a softcap the packed blocks add it, else the exact scores subtract it
 /// (softmax is shift-invariant; the packed blocks then read no mu). Exact slot t goes to warp
-/// t % WARPS, which scores it against every head of the group. One memory round trip after the
-/// length: the frontier, queries, mu and the rows of every slot (up to WARPS * EX_CHUNK of them)
-/// load together, unused slots are skipped after. The warps' states merge in shared memory
-/// (`sm`, EXACT_WORDS).
-__device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 len, u32 start, u32 slot, float* sm) {
+/// t % WARPS, which scores it against every head of the group. One memory round trip: the
+/// length, frontier, queries, mu and the rows of every slot (up to WARPS * EX_CHUNK of them) load
+/// together, slots not in use are skipped after. The warps' states merge in shared memory (`sm`,
+/// EXACT_WORDS).
+__device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh, u32 slot, float* sm) {
     // Parameters read once into registers (the shared-memory stores below may alias `p` for the
     // compiler, which would otherwise reload them).
     const float scale = p.scale, softcap = p.softcap, pv_scale = p.pv_scale;
@@ -982,9 +987,16 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     float* o_s = q_s + GQA * D;             // [WARPS][GQA][D]
     float* m_s = o_s + WARPS * GQA * D;     // [WARPS][8]
     float* l_s = m_s + WARPS * 8;           // [WARPS][8]
+    float* qmu_s = l_s + WARPS * 8;         // [WARPS][8]
     const qtype* q = (const qtype*)p.q + pair * GQA * D;
-    // All loads first (the stores below may alias them for the compiler).
-    const u32 frontier = p.frontiers ? ((const u32*)p.frontiers)[seq] : len;
+    // All loads first, in one round trip (the stores below may alias them for the compiler): the
+    // rows' addresses depend on nothing loaded, so they go out with the length.
+    float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
+    if (warp < nslot) load_exact_slots(rows, warp, nslot, lane, bf, kx, vx);
+    const u32 len = ((const u32*)p.seq_lens)[seq];
+    const u32 f_raw = p.frontiers ? ((const u32*)p.frontiers)[seq] : 0xffffffffu;
+    const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
+    const float sg_t = ((const float*)p.signs)[tid % D];
     constexpr int QT = (GQA * D + THREADS - 1) / THREADS;
     float qv[QT];
 #pragma unroll
@@ -992,110 +1004,110 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     float muv[EL];
 #pragma unroll
     for (int e = 0; e < EL; ++e) muv[e] = shift ? ((const float*)p.key_mean)[pair * D + lane * EL + e] : 0.0f;
-    float kx[EX_CHUNK][EL], vx[EX_CHUNK][EL];
-    if (warp < nslot) load_exact_slots(rows, warp, nslot, lane, bf, kx, vx);
 #pragma unroll
     for (int k = 0; k < QT; ++k)
         if (tid + k * THREADS < GQA * D) q_s[tid + k * THREADS] = qv[k];
+    const u32 frontier = f_raw < len ? f_raw : len;
+    const u32 start = visible_start(ring, p, len);
     float* o_w = o_s + warp * GQA * D;
 #pragma unroll
     for (int h = 0; h < GQA; ++h)
 #pragma unroll
         for (int e = 0; e < EL; ++e) o_w[h * D + lane * EL + e] = 0.0f;
     __syncthreads();
-    // scale * q.mu per head (every warp computes all of them: no further barrier).
-    float qmu[GQA];
-#pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        float a = 0.0f;
-#pragma unroll
-        for (int e = 0; e < EL; ++e) a += q_s[h * D + lane * EL + e] * muv[e];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-        qmu[h] = shift ? scale * a : 0.0f;
-    }
     u32 w_begin = start > S ? start : S;
     if (frontier > w_begin) w_begin = frontier;
-    float m[GQA], l[GQA];
+    // The heads go through rolled loops and the running max, sum and scale * q.mu per (warp, head)
+    // live in shared memory: this code runs once per launch and is fetched cold (the cache was
+    // evicted since the last launch), so its size costs more than its instruction count
+    // (unrolled over heads and slot groups it was instruction-fetch bound: NOTES-decode.md).
+    float* m_w = m_s + warp * 8;
+    float* l_w = l_s + warp * 8;
+    float* qmu_w = qmu_s + warp * 8;
+#pragma unroll 1
+    for (u32 h = 0; h < GQA; ++h) {
+        float a = 0.0f;
+        if (shift) {
 #pragma unroll
-    for (int h = 0; h < GQA; ++h) {
-        m[h] = ninf;
-        l[h] = 0.0f;
+            for (int e = 0; e < EL; ++e) a += q_s[h * D + lane * EL + e] * muv[e];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+        }
+        if (lane == 0) {
+            qmu_w[h] = shift ? scale * a : 0.0f;
+            m_w[h] = ninf;
+            l_w[h] = 0.0f;
+        }
     }
-    // This warp's slots t = warp + WARPS * i, EX_CHUNK at a time (the first chunk loaded above).
-    // Per XS slots of a chunk: every (slot, head) dot product at once (independent shuffle
-    // reductions, not one dependent chain per slot), then one online-softmax step per head.
+    __syncwarp();
+    // This warp's slots t = warp + WARPS * i, EX_CHUNK at a time (the first chunk loaded above):
+    // per head, the chunk's dot products reduced together, then one online-softmax step.
 #pragma unroll 1
     for (u32 t0 = warp; t0 < nslot; t0 += WARPS * EX_CHUNK) {
         if (t0 != warp) load_exact_slots(rows, t0, nslot, lane, bf, kx, vx);
+        bool live[EX_CHUNK];
 #pragma unroll
-        for (int j0 = 0; j0 < EX_CHUNK; j0 += XS) {
-            float x[XS][GQA];
+        for (int j = 0; j < EX_CHUNK; ++j) {
+            const u32 t = t0 + j * WARPS;
+            live[j] = t < nslot && exact_slot_live(t, S, W, len, start, w_begin);
+        }
+#pragma unroll 1
+        for (u32 h = 0; h < GQA; ++h) {
+            float qf[EL];
 #pragma unroll
-            for (int j = 0; j < XS; ++j)
+            for (int e = 0; e < EL; ++e) qf[e] = q_s[h * D + lane * EL + e];
+            float x[EX_CHUNK];
 #pragma unroll
-                for (int h = 0; h < GQA; ++h) {
-                    float dot = 0.0f;
+            for (int j = 0; j < EX_CHUNK; ++j) {
+                float dot = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < EL; ++e) dot += q_s[h * D + lane * EL + e] * kx[j0 + j][e];
-                    x[j][h] = dot;
-                }
+                for (int e = 0; e < EL; ++e) dot += qf[e] * kx[j][e];
+                x[j] = dot;
+            }
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1)
 #pragma unroll
-                for (int j = 0; j < XS; ++j)
+                for (int j = 0; j < EX_CHUNK; ++j) x[j] += __shfl_xor_sync(0xffffffffu, x[j], off);
+            const float qm = qmu_w[h], m_old = m_w[h], l_old = l_w[h];
+            float m_new = m_old;
 #pragma unroll
-                    for (int h = 0; h < GQA; ++h) x[j][h] += __shfl_xor_sync(0xffffffffu, x[j][h], off);
-            bool live[XS];
+            for (int j = 0; j < EX_CHUNK; ++j) {
+                float v = scale * x[j];
+                if (softcap > 0.0f) {
+                    const float ez = ex2(2.0f * LOG2E * v * inv_cap);
+                    v = softcap * (1.0f - 2.0f / (ez + 1.0f));
+                }
+                v = (v - qm) * LOG2E;
+                x[j] = v;
+                if (live[j]) m_new = fmaxf(m_new, v);
+            }
+            if (m_new == ninf) continue; // no live slot yet (the same on every lane)
+            const float corr = ex2(m_old - m_new);
+            float* oh = o_w + h * D + lane * EL;
+            float acc[EL], lsum = 0.0f;
 #pragma unroll
-            for (int j = 0; j < XS; ++j) {
-                const u32 t = t0 + (j0 + j) * WARPS;
-                live[j] = t < nslot && exact_slot_live(t, S, W, len, start, w_begin);
+            for (int e = 0; e < EL; ++e) acc[e] = oh[e] * corr;
+#pragma unroll
+            for (int j = 0; j < EX_CHUNK; ++j) {
+                const float pj = live[j] ? ex2(x[j] - m_new) : 0.0f;
+                lsum += pj;
+#pragma unroll
+                for (int e = 0; e < EL; ++e) acc[e] += pj * vx[j][e];
             }
 #pragma unroll
-            for (int h = 0; h < GQA; ++h) {
-                float m_new = m[h];
-#pragma unroll
-                for (int j = 0; j < XS; ++j) {
-                    float v = scale * x[j][h];
-                    if (softcap > 0.0f) {
-                        const float ez = ex2(2.0f * LOG2E * v * inv_cap);
-                        v = softcap * (1.0f - 2.0f / (ez + 1.0f));
-                    }
-                    v = (v - qmu[h]) * LOG2E;
-                    x[j][h] = v;
-                    if (live[j]) m_new = fmaxf(m_new, v);
-                }
-                if (m_new == ninf) continue; // no live slot yet
-                const float corr = ex2(m[h] - m_new);
-                float acc[EL], lsum = 0.0f;
-#pragma unroll
-                for (int e = 0; e < EL; ++e) acc[e] = o_w[h * D + lane * EL + e] * corr;
-#pragma unroll
-                for (int j = 0; j < XS; ++j) {
-                    const float pj = live[j] ? ex2(x[j][h] - m_new) : 0.0f;
-                    lsum += pj;
-#pragma unroll
-                    for (int e = 0; e < EL; ++e) acc[e] += pj * vx[j0 + j][e];
-                }
-#pragma unroll
-                for (int e = 0; e < EL; ++e) o_w[h * D + lane * EL + e] = acc[e];
-                l[h] = l[h] * corr + lsum;
-                m[h] = m_new;
+            for (int e = 0; e < EL; ++e) oh[e] = acc[e];
+            __syncwarp(); // every lane has read m_w[h], l_w[h]
+            if (lane == 0) {
+                m_w[h] = m_new;
+                l_w[h] = l_old * corr + lsum;
             }
-        }
-    }
-    if (lane == 0) {
-#pragma unroll
-        for (int h = 0; h < GQA; ++h) {
-            m_s[warp * 8 + h] = m[h];
-            l_s[warp * 8 + h] = l[h];
+            __syncwarp();
         }
     }
     __syncthreads();
     // Merge the warps into q_s (the queries are dead): sum_w e^(m_w - M) o_w * pv_scale * signs.
     const float* signs = (const float*)p.signs;
-    const float sg0 = signs[tid % D] * pv_scale; // i % D == tid % D below when THREADS % D == 0
+    const float sg0 = sg_t * pv_scale; // i % D == tid % D below when THREADS % D == 0
     for (u32 i = tid; i < GQA * D; i += THREADS) {
         const u32 h = i / D;
         float mx = ninf;
@@ -1138,15 +1150,6 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
 
 // ---------------------------------------------------------------- the split kernel entry
 
-/// The first position query len-1 of sequence `seq` attends to (ring and sliding window).
-__device__ __forceinline__ u32 visible_start(const DecodeParams& p, u32 seq, u32 len) {
-    const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
-    u32 start = 0;
-    if (ring && len > p.capacity) start = len - p.capacity;
-    if (p.window != 0 && len > p.window && len - p.window > start) start = len - p.window;
-    return start;
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const __grid_constant__ DecodeParams p) {
     extern __shared__ u32 smem[];
     if (blockIdx.z >= p.num_seqs) {
@@ -1155,8 +1158,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         const u64 e = ((u64)(blockIdx.z - p.num_seqs) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
         if (e >= (u64)p.num_seqs * p.num_kv_heads) return;
         const u32 seq = (u32)(e / p.num_kv_heads), kvh = (u32)(e % p.num_kv_heads);
-        const u32 len = ((const u32*)p.seq_lens)[seq];
-        exact_block(p, seq, kvh, len, visible_start(p, seq, len), p.num_splits - 1, (float*)smem);
+        exact_block(p, seq, kvh, p.num_splits - 1, (float*)smem);
         merge_if_last(p, seq, kvh, smem);
         return;
     }
@@ -1176,14 +1178,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 
     const u32 len = ((const u32*)p.seq_lens)[seq];
     const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
-    const u32 vis = visible_start(p, seq, len);
+    const u32 vis = visible_start(ring, p, len);
     u32 start = vis;
     const u32 packed_splits = p.num_splits - (p.exact != 0); // == gridDim.x
     // exact = 2: this pair's last packed split first scores the exact sinks and window (slot
     // num_splits - 1) and streams exact_credit fewer tiles than the others.
     const bool folded = p.exact == 2 && split == packed_splits - 1;
     if (folded) {
-        exact_block(p, seq, kvh, len, vis, p.num_splits - 1, (float*)smem);
+        exact_block(p, seq, kvh, p.num_splits - 1, (float*)smem);
         __syncthreads(); // exact_block's shared memory is the tables', pipelines' and staging's
     }
     {

@@ -144,13 +144,13 @@ fn compare_attention(
     rel
 }
 
-/// Every placement of the exact work: the default rule, extra blocks, folded into the last
-/// packed split with no credit, and with a credit larger than any split (that split streams no
-/// packed tile).
+/// Every placement of the exact work: extra blocks (the default), folded into the last packed
+/// split with no credit, with a typical one, and with a credit larger than any split (that split
+/// streams no packed tile).
 const PLACEMENTS: [Option<ExactPlacement>; 4] = [
     None,
-    Some(ExactPlacement::Blocks),
     Some(ExactPlacement::Folded { credit: 0 }),
+    Some(ExactPlacement::Folded { credit: 48 }),
     Some(ExactPlacement::Folded { credit: 1000 }),
 ];
 

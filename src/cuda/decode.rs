@@ -62,16 +62,14 @@ pub struct DecodeKernelInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExactPlacement {
     /// One more block per (sequence, kv head), dispatched after the packed blocks (grid z-slices
-    /// past the sequences): they fill the block slots the packed wave leaves free.
+    /// past the sequences): they fill the block slots the packed wave leaves free. The default.
     Blocks,
     /// The last packed split of each pair scores them before its packed tiles and streams
-    /// `credit` fewer tiles than the pair's other splits.
+    /// `credit` fewer tiles than the pair's other splits (the others take them over). Measured on
+    /// the H100 (bench/NOTES-decode.md): better than `Blocks` at batch 8 / 16384 tokens after an
+    /// L2 flush by writes, worse after a flush by reads; `fold:48` was the best credit.
     Folded { credit: u32 },
 }
-
-/// Tiles the folding split gives up by default: the best of 16, 32, 48 and 64 measured at batch
-/// 1 and 8, context 16384 and 65536 (H100, tq4, head_dim 128; bench/NOTES-decode.md).
-pub const EXACT_CREDIT_TILES: u32 = 64;
 
 impl ExactPlacement {
     /// `blocks` or `fold:CREDIT` (credit in tiles of 16 positions).
@@ -88,18 +86,6 @@ impl ExactPlacement {
                 }),
             _ => invalid!("exact placement {s:?}: expected \"blocks\" or \"fold:CREDIT\""),
         }
-    }
-}
-
-/// The default placement: folded when a pair has at least two packed splits (the others take over
-/// the credit), else extra blocks (a single split would stream its tiles after the exact work).
-pub fn exact_placement(packed_splits: u32) -> ExactPlacement {
-    if packed_splits >= 2 {
-        ExactPlacement::Folded {
-            credit: EXACT_CREDIT_TILES,
-        }
-    } else {
-        ExactPlacement::Blocks
     }
 }
 
@@ -186,7 +172,7 @@ pub(super) struct DecodeState {
     /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
     variant: Option<DecodeVariant>,
     /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else
-    /// [`exact_placement`].
+    /// [`ExactPlacement::Blocks`].
     exact_placement: Option<ExactPlacement>,
 }
 
@@ -262,8 +248,8 @@ impl BatchCache {
         Ok(())
     }
 
-    /// Chooses where the exact sinks and window are scored (`None`: [`exact_placement`]); for
-    /// tuning and tests. Takes effect at the next launch.
+    /// Chooses where the exact sinks and window are scored (`None`: [`ExactPlacement::Blocks`]);
+    /// for tuning and tests. Takes effect at the next launch.
     pub fn set_exact_placement(&mut self, placement: Option<ExactPlacement>) {
         self.decode.exact_placement = placement;
     }
@@ -497,7 +483,7 @@ impl BatchCache {
             match self
                 .decode
                 .exact_placement
-                .unwrap_or_else(|| exact_placement(packed))
+                .unwrap_or(ExactPlacement::Blocks)
             {
                 ExactPlacement::Blocks => (1, 0),
                 ExactPlacement::Folded { credit } => (2, credit),
@@ -667,19 +653,6 @@ mod tests {
         for (blocks, want) in [(3, [45, 6, 3]), (2, [30, 4, 1])] {
             let got = [1, 8, 32].map(|b| num_splits(b * 8, 132 * blocks, tiles, 4));
             assert_eq!(got, want, "{blocks} blocks per SM");
-        }
-    }
-
-    #[test]
-    fn exact_work_folds_into_a_split_only_when_the_pair_has_others_to_take_its_credit() {
-        assert_eq!(exact_placement(1), ExactPlacement::Blocks);
-        for s in [2, 4, 30] {
-            assert_eq!(
-                exact_placement(s),
-                ExactPlacement::Folded {
-                    credit: EXACT_CREDIT_TILES
-                }
-            );
         }
     }
 

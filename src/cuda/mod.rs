@@ -24,8 +24,8 @@ pub use batch::{BatchCache, SeqPlanes};
 pub use buffer::{BufferDType, DeviceBuffer};
 pub use codec::CudaCodec;
 pub use decode::{
-    exact_placement, num_splits, DecodeKernelInfo, DecodeVariant, ExactPlacement,
-    EXACT_CREDIT_TILES, HEAD_DIM_RANGE as DECODE_HEAD_DIM_RANGE, MAX_GQA,
+    num_splits, DecodeKernelInfo, DecodeVariant, ExactPlacement,
+    HEAD_DIM_RANGE as DECODE_HEAD_DIM_RANGE, MAX_GQA,
 };
 pub use device::CudaDevice;
 pub use params::{DecodeParams, DequantizeParams, QuantizeParams};

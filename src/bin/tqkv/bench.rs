@@ -70,9 +70,8 @@ struct DecodeArgs {
     /// How the L2 is emptied before each timed call.
     #[arg(long, value_enum, default_value_t = Flush::Write)]
     flush: Flush,
-    /// Where the presets' exact sinks and window are scored: `blocks` (extra blocks) or
-    /// `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer) instead of the default
-    /// rule, for tuning.
+    /// Where the presets' exact sinks and window are scored: `blocks` (extra blocks, the
+    /// default) or `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer), for tuning.
     #[arg(long, value_parser = parse_exact)]
     exact: Option<ExactPlacement>,
 }
