@@ -231,14 +231,20 @@ constexpr int TAB_K_OFF = K_P8 ? 0 : REGION_WORDS;              // words
 constexpr int TAB_V_OFF = SHARED_TAB ? TAB_K_OFF : V_P8 ? (TWO_P8 ? 32 : 0) : REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS);
 constexpr int TAB_END = REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS) + (V_P8 || SHARED_TAB ? 0 : VS::TAB_WORDS);
 constexpr int PIPE_OFF = HOLES ? 32 : TAB_END;                  // words: pipeline byte 0
-constexpr int QS_OFF = HOLES ? TAB_END : TAB_END + PIPE_BYTES / 4; // f32 [GQA][D] + amax [8]
+constexpr int QS_OFF = HOLES ? TAB_END : TAB_END + PIPE_BYTES / 4; // f32 rows (qs_at) + amax [16]
 static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128-byte pipeline groups");
 /// Physical byte offset from the pipeline base of logical pipeline byte x (identity without HOLES).
 /// pofs(A + x) = PSC * A + pofs(x) for A a multiple of 128: only per-lane terms go through it.
 __device__ __forceinline__ u32 pofs(u32 x) { return HOLES ? ((x >> 7) << 8) + (x & 127) : x; }
+/// Rotated query rows: logical (h, d) at word h * QS_STRIDE + d + 2 * (d / 32) from QS_OFF, so
+/// that the score fragments' loads (lanes over heads g and 32-dim groups c, LDS.64 each) fall in
+/// distinct banks (without the padding, 16 lanes hit one bank pair at 4 bits: ncu counted ~240
+/// excess shared wavefronts per warp in the prologue).
+constexpr int QS_STRIDE = D + 2 * (D / 32) + 8;
+__device__ __forceinline__ u32 qs_at(u32 h, u32 d) { return h * QS_STRIDE + d + 2 * (d / 32); }
 /// The group's raw queries and the rotation's signs, copied in at block start (cp.async).
 constexpr int QRAW_BYTES = GQA * D * (DTYPE == 0 ? 4 : 2);
-constexpr int QRAW_OFF = QS_OFF + GQA * D + 16; // words
+constexpr int QRAW_OFF = QS_OFF + GQA * QS_STRIDE + 16; // words
 constexpr int SG_OFF = QRAW_OFF + QRAW_BYTES / 4;
 static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging");
 constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
@@ -1263,7 +1269,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     // per head; amax[8 + h] = scale * q.mu, what the centered packed keys miss, added to the
     // packed scores only before a softcap (else the exact scores subtract it: exact_block).
     float* qs = (float*)(smem + QS_OFF);
-    float* amax = qs + GQA * D;
+    float* amax = qs + GQA * QS_STRIDE;
     {
         cp_async_wait<STAGES - 1>(); // the staging group (older than the STAGES - 1 tiles')
         __syncthreads();
@@ -1287,7 +1293,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 #pragma unroll
             for (int e = 0; e < EL; ++e) {
                 m = fmaxf(m, fabsf(v[e]));
-                qs[h * D + lane * EL + e] = v[e];
+                qs[qs_at(h, lane * EL + e)] = v[e];
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -1313,10 +1319,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         for (int b = 0; b < NB; ++b)
 #pragma unroll
             for (int kb = 0; kb < KB; ++kb) {
-                const float* r = qs + (g < GQA ? g : 0) * D;
-                const u32 d0 = kdim(b, c, 4 * kb), d2 = kdim(b, c, 4 * kb + 2);
-                qa[b][kb][0] = g < GQA ? pack_h2(r[d0] * inv, r[d0 + 1] * inv) : 0u;
-                qa[b][kb][1] = g < GQA ? pack_h2(r[d2] * inv, r[d2 + 1] * inv) : 0u;
+                const u32 h = g < GQA ? g : 0;
+                const float* r0 = qs + qs_at(h, kdim(b, c, 4 * kb));
+                const float* r2 = qs + qs_at(h, kdim(b, c, 4 * kb + 2));
+                qa[b][kb][0] = g < GQA ? pack_h2(r0[0] * inv, r0[1] * inv) : 0u;
+                qa[b][kb][1] = g < GQA ? pack_h2(r2[0] * inv, r2[1] * inv) : 0u;
             }
     }
     const float kg = NB == 1 ? INV_SQRT_D : p.inv_sf;       // norm -> per-coordinate scale
