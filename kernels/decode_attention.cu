@@ -262,6 +262,14 @@ static_assert(SMEM_WORDS > GQA * D + GQA, "merge_pair's buffer and merge_if_last
 // the readers (lanes g*4 + c read chunk g of token 2c + ...) stay conflict-free. The lane-chunk
 // layout instead scatters every row's sectors into 16-byte pieces 64 bytes apart.
 constexpr bool V_ROWS = VROWS && ASYNC && NB == 1 && !HOLES && VCH == 16 && VNCH == 1 && VS::ROW == 8 * VCH;
+// The same for 64-byte rows of 8-byte slices (4-bit V at HEAD_DIM 128): token t's row at logical
+// V-stage byte vslot(t) * 64, vslot(t) = t ^ ((t >> 1) & 1), so the tile's loads copy four whole
+// rows per warp instruction (256 contiguous global bytes) and both those writes and the readers
+// (lanes g*4 + c read chunk g of token 2c + ...: tokens 2c + k land in alternating bank halves)
+// take the ideal two wavefronts. The lane-slice layout took eight per load (ncu: 6 excess
+// wavefronts per LDGSTS, 4 per tile and warp).
+constexpr bool V_ROWS64 = VROWS && ASYNC && NB == 1 && VCH == 8 && VNCH == 1 && VS::ROW == 8 * VCH;
+__device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
 
 /// Dynamic shared memory bytes tq_decode_split needs (read by the host).
 extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
@@ -438,10 +446,19 @@ struct Tile {
     float vn[NRM][NB];        // V norms of the same tokens
 };
 
-/// Per-lane pipeline address terms: pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4).
+/// Per-lane pipeline address terms: pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4); with
+/// V_ROWS64, v is the read offset of token 2c (token 2c + 1: v ^ 64) and vw the write offset of
+/// the fast path's first instruction.
 struct PipeLane {
-    u32 k, v, n;
+    u32 k, v, n, vw;
 };
+__device__ __forceinline__ PipeLane pipe_lane(u32 lane) {
+    const u32 g = lane >> 2, c = lane & 3, tl = lane >> 3, q = lane & 7;
+    if constexpr (V_ROWS64)
+        return {pofs(lane * KCH), pofs(vslot(2 * c) * 64 + g * 8), pofs(lane * 4), pofs(vslot(tl) * 64 + q * 8)};
+    else
+        return {pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4), 0};
+}
 
 struct SeqCtx {
     const u8* kp;   // K packed rows of this (seq, head), slot 0
@@ -484,6 +501,11 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             const u8* vr0 = s.vp + (u64)(slot0 + tl) * VS::ROW + q * 16;
 #pragma unroll
             for (int j = 0; j < 4; ++j) cp_async<16>(st + ST_V + 512 * j + ((j & 1) ? sw ^ 64 : sw), vr0 + 4 * j * VS::ROW);
+        } else if constexpr (V_ROWS64) {
+            // instruction j: token 4j + (lane >> 3), chunk lane & 7
+            const u8* vr0 = s.vp + (u64)(slot0 + (lane >> 3)) * VS::ROW + (lane & 7) * 8;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) cp_async<8>(st + PSC * (ST_V + 256 * j) + pl.vw, vr0 + 4 * j * VS::ROW);
         } else {
 #pragma unroll
             for (int r = 0; r < 4; ++r)
@@ -531,6 +553,10 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             cp_async<16>(st + ST_V + t * 128 + ((g ^ (2 * c)) * 16), row + g * 16);
             continue;
         }
+        if constexpr (V_ROWS64) {
+            cp_async<8>(st + PSC * (ST_V + 512 * (r >> 1)) + ((r & 1) ? pl.v ^ 64 : pl.v), row + g * 8);
+            continue;
+        }
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 dst = st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH) + pl.v;
@@ -569,6 +595,9 @@ __device__ __forceinline__ void read_tile(const u8* st, const PipeLane& pl, u32 
         const u32 h = 2 * c * 128 + ((g ^ (2 * c)) * 16); // token 2c + (r & 1) + 8 (r >> 1), chunk g
 #pragma unroll
         for (int r = 0; r < 4; ++r) read_chunks<16, 1>(st + ST_V + ((r & 1) + 8 * (r >> 1)) * 128, h, t.v[r][0]);
+    } else if constexpr (V_ROWS64) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) read_chunks<8, 1>(st + PSC * (ST_V + 512 * (r >> 1)), (r & 1) ? pl.v ^ 64 : pl.v, t.v[r][0]);
     } else {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -1250,7 +1279,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         s.ring = ring;
     }
 
-    const PipeLane pl = {pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4)};
+    const PipeLane pl = pipe_lane(lane);
     // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
     {
         const u32 tile0 = t_begin + warp;
