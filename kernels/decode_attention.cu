@@ -43,7 +43,7 @@
 // MIN_BLOCKS (resident blocks per SM the register allocation must allow), LUT256 (0/1: byte-field
 // tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products),
 // MERGE_LAST (0/1: the splits are merged by the last block of each pair, one launch), VROWS
-// (0/1: the V stage in row order where it applies, see V_ROWS).
+// (0/1: the V stage in row order where it applies, see V_ROWS and V_ROWS64).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
