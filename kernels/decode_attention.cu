@@ -1280,16 +1280,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
 
     const PipeLane pl = pipe_lane(lane);
+    // This warp's tiles (tile0 + i * WARPS) and pipeline stages, shared address and generic pointer.
+    const u32 tile0 = t_begin + warp;
+    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
+    const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
+    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
     // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
-    {
-        const u32 tile0 = t_begin + warp;
-        const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
-        const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
 #pragma unroll
-        for (int i = 0; i < STAGES - 1; ++i) {
-            if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + PSC * i * STAGE_BYTES, pl);
-            cp_async_commit();
-        }
+    for (int i = 0; i < STAGES - 1; ++i) {
+        if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + PSC * i * STAGE_BYTES, pl);
+        cp_async_commit();
     }
     // Codebook tables (f16), lane-replicated.
     fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, cb_k, warp, lane);
@@ -1376,10 +1376,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 #pragma unroll
     for (int h = 0; h < 2; ++h) qmh[h] = 2 * c + h < GQA ? amax[8 + 2 * c + h] : 0.0f;
 
-    const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
-    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
-    const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
-    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
 #pragma unroll 1
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
@@ -1494,10 +1490,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         for (int j = 0; j < NTB; ++j) o[b][j][0] = o[b][j][1] = 0.0f;
     float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
 
-    const u32 tile0 = t_begin + warp; // this warp's tiles: tile0 + i * WARPS
-    const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
-    const u32 pipe = smem_addr(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
-    const u8* pipe_g = (const u8*)(smem + PIPE_OFF) + PSC * warp * STAGES * STAGE_BYTES;
 #pragma unroll 1
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)

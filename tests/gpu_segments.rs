@@ -416,29 +416,15 @@ fn centering_batches_need_a_key_mean_before_a_key_is_packed() {
     let mut plain_batch = BatchCache::new(dev.clone(), l, 1).expect("batch");
     let e = msg(plain_batch.set_key_mean(0, &mu));
     assert!(e.contains("does not center keys"), "{e}");
-    let (kp, kn, vp, vn) = {
-        let (p, n) = (
-            DeviceBuffer::zeros(&s, tqkv::cuda::BufferDType::U8, l.packed_len(Side::Keys))
-                .expect("a"),
-            DeviceBuffer::zeros(
-                &s,
-                tqkv::cuda::BufferDType::Float(DType::F32),
-                l.norms_len(),
-            )
-            .expect("a"),
-        );
-        let (p2, n2) = (
-            DeviceBuffer::zeros(&s, tqkv::cuda::BufferDType::U8, l.packed_len(Side::Values))
-                .expect("a"),
-            DeviceBuffer::zeros(
-                &s,
-                tqkv::cuda::BufferDType::Float(DType::F32),
-                l.norms_len(),
-            )
-            .expect("a"),
-        );
-        (p, n, p2, n2)
-    };
+    let zeros = |dtype, len| DeviceBuffer::zeros(&s, dtype, len).expect("zeros");
+    let (packed, f32) = (
+        tqkv::cuda::BufferDType::U8,
+        tqkv::cuda::BufferDType::Float(DType::F32),
+    );
+    let kp = zeros(packed, l.packed_len(Side::Keys));
+    let kn = zeros(f32, l.norms_len());
+    let vp = zeros(packed, l.packed_len(Side::Values));
+    let vn = zeros(f32, l.norms_len());
     let planes = tqkv::cuda::SeqPlanes {
         k_packed: &kp,
         k_norms: &kn,
