@@ -32,9 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SEED = 0x7451_4B56_5345_4544
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # struct DecodeParams: 13 u64, 6 u32, 4 f32, the exact-segment fields 6 u64, 4 u32, counters u64,
-# exact_credit and padding u32 (224 bytes; this harness times plain caches with two launches: the
-# last 13 are all zero)
-PARAMS_FMT = "<13Q6I4f6Q4IQ2I"
+# exact_credit, exact_blocks, l2_evict_first and padding u32 (232 bytes; this harness times plain
+# caches with two launches and no L2 hint: the last 15 are all zero)
+PARAMS_FMT = "<13Q6I4f6Q4IQ4I"
 
 
 def find_file(*cands):
@@ -208,7 +208,7 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))

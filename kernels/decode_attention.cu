@@ -13,8 +13,9 @@
 //                    [HEAD_DIM] f32 (unnormalized, rotated domain, times pv_scale) and part_ml
 //                    [...][GQA][2] f32 (running max in log2 units, sum of weights).
 //                    With exact segments (p.exact = 1) the packed blocks are num_splits-1 per
-//                    (sequence, KV head) and grid z-slices past num_seqs hold one exact block per
-//                    (sequence, KV head) (exact_block), which writes slot num_splits-1.
+//                    (sequence, KV head) and grid z-slices past num_seqs hold exact_blocks exact
+//                    blocks, block e serving (sequence, KV head) pairs e, e + exact_blocks, ...
+//                    (exact_block), each writing its pair's slot num_splits-1.
 //                    With MERGE_LAST the last block of each (sequence, KV head) to finish
 //                    (an atomic counter per pair in p.counters) merges the pair's partials
 //                    itself (merge_pair) and tq_decode_merge is not launched.
@@ -128,6 +129,8 @@ struct DecodeParams {
     u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
     u64 counters;   // u32 [num_seqs][num_kv_heads], zero between launches (MERGE_LAST; else unused)
     u32 exact_credit; // exact = 2: tiles the last packed split gives up to the others for its exact work
+    u32 exact_blocks; // exact = 1: exact blocks; block e serves pairs e, e + exact_blocks, ...
+    u32 l2_evict_first; // 1: the packed rows and norms stream under the L2 evict-first policy
     u32 pad0;
 };
 
@@ -407,6 +410,23 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src) {
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(N) : "memory");
 }
+/// L2 policy of the streamed cache rows and norms: evict-first (`ef`) or evict-normal, the default
+/// priority (createpolicy with an immediate fraction folds to a constant for the target).
+__device__ __forceinline__ u64 stream_policy(bool ef) {
+    u64 first, normal;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(first));
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(normal));
+    return ef ? first : normal;
+}
+
+/// cp.async of N streamed cache bytes under the L2 policy `pol`.
+template <int N>
+__device__ __forceinline__ void cp_stream(u32 dst, const void* src, u64 pol) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(N), "l"(pol) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
@@ -480,7 +500,7 @@ __device__ __forceinline__ u32 slot_of(const SeqCtx& s, u32 pos, u32 pos0, u32 s
 /// tokens g, g+8; V slices of tokens 2c, 2c+1, 2c+8, 2c+9; the 16 tokens' norms (by lanes).
 /// Positions past the end are clamped to the last one (their scores are masked). Tiles wholly
 /// inside the sequence whose slots do not wrap take the fast path: one slot for the tile.
-__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st, const PipeLane& pl) {
+__device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, u32 g, u32 c, u32 st, const PipeLane& pl, u64 pol) {
     const u32 slot0 = s.ring ? pos0 % s.cap : pos0;
     const u32 last = s.end - 1;
     const bool fast = pos0 + TILE <= s.end && slot0 + TILE <= s.cap;
@@ -493,19 +513,19 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             for (int b = 0; b < NB; ++b)
 #pragma unroll
                 for (int k = 0; k < KNCH; ++k)
-                    cp_async<KCH>(st + PSC * (ST_K + ((n * NB + b) * KNCH + k) * 32 * KCH) + pl.k,
-                                  kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k));
+                    cp_stream<KCH>(st + PSC * (ST_K + ((n * NB + b) * KNCH + k) * 32 * KCH) + pl.k,
+                                  kr + 8 * n * KS::ROW + b * KS::BLK + k_chunk_off(c, k), pol);
         if constexpr (V_ROWS) {
             // instruction j: tokens 4j + (lane >> 3), chunk lane & 7
             const u32 tl = lane >> 3, q = lane & 7, sw = tl * 128 + ((q ^ (tl & 2)) * 16);
             const u8* vr0 = s.vp + (u64)(slot0 + tl) * VS::ROW + q * 16;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) cp_async<16>(st + ST_V + 512 * j + ((j & 1) ? sw ^ 64 : sw), vr0 + 4 * j * VS::ROW);
+            for (int j = 0; j < 4; ++j) cp_stream<16>(st + ST_V + 512 * j + ((j & 1) ? sw ^ 64 : sw), vr0 + 4 * j * VS::ROW, pol);
         } else if constexpr (V_ROWS64) {
             // instruction j: token 4j + (lane >> 3), chunk lane & 7
             const u8* vr0 = s.vp + (u64)(slot0 + (lane >> 3)) * VS::ROW + (lane & 7) * 8;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) cp_async<8>(st + PSC * (ST_V + 256 * j) + pl.vw, vr0 + 4 * j * VS::ROW);
+            for (int j = 0; j < 4; ++j) cp_stream<8>(st + PSC * (ST_V + 256 * j) + pl.vw, vr0 + 4 * j * VS::ROW, pol);
         } else {
 #pragma unroll
             for (int r = 0; r < 4; ++r)
@@ -513,14 +533,14 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
                 for (int b = 0; b < NB; ++b)
 #pragma unroll
                     for (int k = 0; k < VNCH; ++k)
-                        cp_async<VCH>(st + PSC * (ST_V + ((r * NB + b) * VNCH + k) * 32 * VCH) + pl.v,
-                                      vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k));
+                        cp_stream<VCH>(st + PSC * (ST_V + ((r * NB + b) * VNCH + k) * 32 * VCH) + pl.v,
+                                      vr + ((r & 1) + 8 * (r >> 1)) * VS::ROW + b * VS::BLK + v_chunk_off(g, k), pol);
         }
 #pragma unroll
         for (int i0 = 0; i0 < 2 * TILE * NB; i0 += 32) {
             const u32 i = i0 + lane;
             const u32 side = i / (TILE * NB), rem = i % (TILE * NB);
-            cp_async<4>(st + PSC * (ST_N + i0 * 4) + pl.n, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem);
+            cp_stream<4>(st + PSC * (ST_N + i0 * 4) + pl.n, (side ? s.vn : s.kn) + (u64)slot0 * NB + rem, pol);
         }
         return;
     }
@@ -534,7 +554,7 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             const u32 dst = st + PSC * (ST_K + (n * NB + b) * KNCH * 32 * KCH) + pl.k;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < KNCH; ++k) cp_async<KCH>(dst + PSC * k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k));
+                for (int k = 0; k < KNCH; ++k) cp_stream<KCH>(dst + PSC * k * 32 * KCH, row + b * KS::BLK + k_chunk_off(c, k), pol);
             } else {
                 u32 w[KS::KWORDS];
                 load_bytes<KS::KBYTES, KS::KALIGN>(row + b * KS::BLK + c * KS::KBYTES, w);
@@ -550,11 +570,11 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         const u8* row = s.vp + (u64)slot_of(s, pos, pos0, slot0) * VS::ROW;
         if constexpr (V_ROWS) {
             const u32 t = 2 * c + (r & 1) + 8 * (r >> 1);
-            cp_async<16>(st + ST_V + t * 128 + ((g ^ (2 * c)) * 16), row + g * 16);
+            cp_stream<16>(st + ST_V + t * 128 + ((g ^ (2 * c)) * 16), row + g * 16, pol);
             continue;
         }
         if constexpr (V_ROWS64) {
-            cp_async<8>(st + PSC * (ST_V + 512 * (r >> 1)) + ((r & 1) ? pl.v ^ 64 : pl.v), row + g * 8);
+            cp_stream<8>(st + PSC * (ST_V + 512 * (r >> 1)) + ((r & 1) ? pl.v ^ 64 : pl.v), row + g * 8, pol);
             continue;
         }
 #pragma unroll
@@ -562,7 +582,7 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             const u32 dst = st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH) + pl.v;
             if constexpr (ASYNC) {
 #pragma unroll
-                for (int k = 0; k < VNCH; ++k) cp_async<VCH>(dst + PSC * k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k));
+                for (int k = 0; k < VNCH; ++k) cp_stream<VCH>(dst + PSC * k * 32 * VCH, row + b * VS::BLK + v_chunk_off(g, k), pol);
             } else {
                 u32 w[VS::VWORDS];
                 load_bytes<VS::VBYTES, VS::VALIGN>(row + b * VS::BLK + g * VS::VBYTES, w);
@@ -578,7 +598,7 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
         const float* src = (side ? s.vn : s.kn) + (u64)slot_of(s, pos, pos0, slot0) * NB + b;
         const u32 dst = st + PSC * (ST_N + (i - lane) * 4) + pl.n;
         if constexpr (ASYNC) {
-            cp_async<4>(dst, src);
+            cp_stream<4>(dst, src, pol);
         } else {
             asm volatile("st.shared.f32 [%0], %1;" ::"r"(dst), "f"(__ldg(src)) : "memory");
         }
@@ -1189,12 +1209,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     extern __shared__ u32 smem[];
     if (blockIdx.z >= p.num_seqs) {
         // Exact blocks (z-slices past the sequences, dispatched after every packed block so they
-        // fill the slots the packed wave leaves free): block e serves pair e = seq * kv heads + kvh.
-        const u64 e = ((u64)(blockIdx.z - p.num_seqs) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-        if (e >= (u64)p.num_seqs * p.num_kv_heads) return;
-        const u32 seq = (u32)(e / p.num_kv_heads), kvh = (u32)(e % p.num_kv_heads);
-        exact_block(p, seq, kvh, p.num_splits - 1, (float*)smem);
-        merge_if_last(p, seq, kvh, smem);
+        // take the slots the packed wave leaves free): block e serves pairs e, e + exact_blocks,
+        // ... (pair = seq * kv heads + kvh), one after another, while the wave streams.
+        const u64 pairs = (u64)p.num_seqs * p.num_kv_heads;
+        const u64 e0 = ((u64)(blockIdx.z - p.num_seqs) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        if (e0 >= p.exact_blocks) return;
+#pragma unroll 1
+        for (u64 e = e0; e < pairs; e += p.exact_blocks) {
+            const u32 seq = (u32)(e / p.num_kv_heads), kvh = (u32)(e % p.num_kv_heads);
+            exact_block(p, seq, kvh, p.num_splits - 1, (float*)smem);
+            merge_if_last(p, seq, kvh, smem);
+            __syncthreads(); // the next pair's shared memory is this one's merge buffer and flag
+        }
         return;
     }
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -1280,6 +1306,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
 
     const PipeLane pl = pipe_lane(lane);
+    const u64 pol = stream_policy(p.l2_evict_first != 0);
     // This warp's tiles (tile0 + i * WARPS) and pipeline stages, shared address and generic pointer.
     const u32 tile0 = t_begin + warp;
     const int n_mine = tile0 < t_end ? (int)((t_end - tile0 + WARPS - 1) / WARPS) : 0;
@@ -1288,7 +1315,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     // Start this warp's first STAGES-1 tiles before the prologue so their latency overlaps it.
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-        if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + PSC * i * STAGE_BYTES, pl);
+        if (i < n_mine) issue_tile(s, start + (tile0 + i * WARPS) * TILE, lane, g, c, pipe + PSC * i * STAGE_BYTES, pl, pol);
         cp_async_commit();
     }
     // Codebook tables (f16), lane-replicated.
@@ -1380,7 +1407,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
         const int ia = i + STAGES - 1;
-        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl);
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl, pol);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
         __syncwarp();
@@ -1494,7 +1521,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
         const int ia = i + STAGES - 1;
-        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl);
+        if (ia < n_mine) issue_tile(s, start + (tile0 + ia * WARPS) * TILE, lane, g, c, pipe + PSC * (ia % STAGES) * STAGE_BYTES, pl, pol);
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
         __syncwarp();

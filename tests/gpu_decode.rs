@@ -386,7 +386,7 @@ fn decode_params_mirror_has_the_kernels_size() {
             info.params_bytes as usize,
             std::mem::size_of::<DecodeParams>()
         );
-        assert_eq!(info.params_bytes, 224);
+        assert_eq!(info.params_bytes, 232);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
         assert!(info.blocks_per_sm >= 1, "{info:?}");
         println!("decode kernel heads {heads} {dtype:?}: {info:?}");
@@ -801,4 +801,38 @@ fn copy_sequence_places_device_planes_like_upload() {
         e.contains("k_packed holds 4096 elements of U8, need 2048 of U8"),
         "{e}"
     );
+}
+
+#[test]
+fn the_l2_policy_of_the_stream_changes_no_output_bit() {
+    let Some(dev) = device() else { return };
+    let l = layout(2, 128, 3000, 4, 2);
+    let seqs = [(3000, CacheMode::Global), (777, CacheMode::Global)];
+    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
+    for (i, &(len, mode)) in seqs.iter().enumerate() {
+        batch
+            .upload(i, &filled_cache(l, mode, len, 500 + i as u64))
+            .expect("upload");
+    }
+    let heads = 8;
+    let s = batch.codec().stream().clone();
+    let q = HostQ::new(DType::Bf16, seqs.len() * heads * 128, 41);
+    let q_dev = DeviceBuffer::from_src(&s, q.src(0..q.len())).expect("upload q");
+    let cfg = AttentionConfig::new(128);
+    let mut outs = Vec::new();
+    for policy in [Some(true), Some(false), None] {
+        batch.set_l2_evict_first(policy);
+        let mut out = poisoned(&batch, DType::Bf16, q.len());
+        batch
+            .attention(&q_dev, heads, &cfg, &mut out)
+            .expect("gpu attention");
+        let o = download_f32(&batch, &out, DType::Bf16);
+        assert!(
+            o.iter().all(|x| x.is_finite()),
+            "{policy:?}: non-finite output"
+        );
+        outs.push(o.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    }
+    assert_eq!(outs[0], outs[1], "evict-first vs evict-normal");
+    assert_eq!(outs[0], outs[2], "evict-first vs the default");
 }

@@ -64,6 +64,11 @@ pub enum ExactPlacement {
     /// One more block per (sequence, kv head), dispatched after the packed blocks (grid z-slices
     /// past the sequences): they fill the block slots the packed wave leaves free. The default.
     Blocks,
+    /// `blocks` extra blocks (at most one per pair), block `e` serving pairs `e`, `e + blocks`,
+    /// ... one after another (for tuning and tests; measured on the H100 with `blocks` = the free
+    /// slots of the wave: 1.6-1.8x the plain time at batch 8 and 32 / 16384 tokens, each pair's
+    /// dependent round trips take ~12 µs under the wave's load).
+    Shared { blocks: u32 },
     /// The last packed split of each pair scores them before its packed tiles and streams
     /// `credit` fewer tiles than the pair's other splits (the others take them over). Measured on
     /// the H100 (bench/NOTES-decode.md): better than `Blocks` at batch 8 / 16384 tokens after an
@@ -72,10 +77,14 @@ pub enum ExactPlacement {
 }
 
 impl ExactPlacement {
-    /// `blocks` or `fold:CREDIT` (credit in tiles of 16 positions).
+    /// `blocks`, `blocks:N` or `fold:CREDIT` (credit in tiles of 16 positions).
     pub fn parse(s: &str) -> Result<Self> {
         match s.split_once(':') {
             None if s == "blocks" => Ok(Self::Blocks),
+            Some(("blocks", n)) => match n.parse() {
+                Ok(blocks) if blocks > 0 => Ok(Self::Shared { blocks }),
+                _ => invalid!("exact placement {s:?}: {n:?} is not a block count >= 1"),
+            },
             Some(("fold", n)) => n
                 .parse()
                 .map(|credit| Self::Folded { credit })
@@ -84,7 +93,11 @@ impl ExactPlacement {
                         "exact placement {s:?}: credit {n:?} is not a tile count"
                     ))
                 }),
-            _ => invalid!("exact placement {s:?}: expected \"blocks\" or \"fold:CREDIT\""),
+            _ => {
+                invalid!(
+                    "exact placement {s:?}: expected \"blocks\", \"blocks:N\" or \"fold:CREDIT\""
+                )
+            }
         }
     }
 }
@@ -174,6 +187,8 @@ pub(super) struct DecodeState {
     /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else
     /// [`ExactPlacement::Blocks`].
     exact_placement: Option<ExactPlacement>,
+    /// Evict-first streaming chosen by the caller ([`BatchCache::set_l2_evict_first`]).
+    l2_evict_first: Option<bool>,
 }
 
 fn dtype_code(d: DType) -> i64 {
@@ -252,6 +267,14 @@ impl BatchCache {
     /// for tuning and tests. Takes effect at the next launch.
     pub fn set_exact_placement(&mut self, placement: Option<ExactPlacement>) {
         self.decode.exact_placement = placement;
+    }
+
+    /// The L2 policy of the streamed cache: `Some(true)` evict-first, else evict-normal (the
+    /// default; as fast as evict-first after an L2 flush by writes at batch 8 / 16384 tokens, and
+    /// not ~4% slower at 4x the bytes: bench/NOTES-decode.md); for tuning. Takes effect at the
+    /// next launch.
+    pub fn set_l2_evict_first(&mut self, evict_first: Option<bool>) {
+        self.decode.l2_evict_first = evict_first;
     }
 
     /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
@@ -427,13 +450,9 @@ impl BatchCache {
             .max()
             .unwrap_or(0);
         let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
+        let tiles = longest.div_ceil(TILE as u64).max(1);
         let slots = self.codec.device().sm_count() as u64 * info.blocks_per_sm as u64;
-        num_splits(
-            pairs,
-            slots,
-            longest.div_ceil(TILE as u64).max(1),
-            info.variant.warps,
-        )
+        num_splits(pairs, slots, tiles, info.variant.warps)
     }
 
     /// Decode attention of one query per sequence: `q: [num_seqs, num_heads, head_dim]` (f32, f16
@@ -477,24 +496,23 @@ impl BatchCache {
         // by extra blocks (grid z-slices past the sequences, `packed` blocks per (z, kv head)) or
         // by each pair's last packed split.
         let packed = self.splits_for(&k.info, cfg);
-        let (exact, exact_credit) = if self.sinks + self.window == 0 {
-            (0, 0)
+        let n_pairs = self.num_seqs * l.num_kv_heads;
+        let (exact, exact_credit, exact_blocks) = if self.sinks + self.window == 0 {
+            (0, 0, 0)
         } else {
             match self
                 .decode
                 .exact_placement
                 .unwrap_or(ExactPlacement::Blocks)
             {
-                ExactPlacement::Blocks => (1, 0),
-                ExactPlacement::Folded { credit } => (2, credit),
+                ExactPlacement::Blocks => (1, 0, n_pairs as u32),
+                ExactPlacement::Shared { blocks } => (1, 0, blocks.min(n_pairs as u32)),
+                ExactPlacement::Folded { credit } => (2, credit, 0),
             }
         };
         let splits = packed + u32::from(exact != 0);
-        let exact_z = if exact == 1 {
-            self.num_seqs.div_ceil(packed as usize)
-        } else {
-            0
-        };
+        // Exact blocks: z-slices of (packed, num_kv_heads) blocks past the sequences.
+        let exact_z = (exact_blocks as usize).div_ceil(packed as usize * l.num_kv_heads);
         if self.num_seqs + exact_z > MAX_GRID_YZ {
             invalid!(
                 "{op}: num_seqs ({}) + exact-block slices ({exact_z}) must be at most {MAX_GRID_YZ}",
@@ -524,7 +542,6 @@ impl BatchCache {
             .counters
             .lock()
             .map_err(|_| TqError::Cuda(format!("{op}: lock poisoned")))?;
-        let n_pairs = self.num_seqs * l.num_kv_heads;
         if counters.is_none() {
             *counters = Some(
                 s.alloc_zeros::<u32>(n_pairs)
@@ -567,6 +584,7 @@ impl BatchCache {
                 invalid!("{op}: {name} at {ptr:#x} is not 16-byte aligned");
             }
         }
+        let l2_evict_first = u32::from(self.decode.l2_evict_first.unwrap_or(false));
         let params = DecodeParams {
             q: q_ptr,
             out: out_ptr,
@@ -603,6 +621,8 @@ impl BatchCache {
             exact_bf16: u32::from(self.options().exact_dtype == DType::Bf16),
             counters: cnt_ptr,
             exact_credit,
+            exact_blocks,
+            l2_evict_first,
             pad0: 0,
         };
         let split_cfg = LaunchConfig {
@@ -666,7 +686,13 @@ mod tests {
             ExactPlacement::parse("fold:48").ok(),
             Some(ExactPlacement::Folded { credit: 48 })
         );
-        for bad in ["", "fold", "fold:-1", "fold:x", "block", "blocks:2"] {
+        assert_eq!(
+            ExactPlacement::parse("blocks:3").ok(),
+            Some(ExactPlacement::Shared { blocks: 3 })
+        );
+        for bad in [
+            "", "fold", "fold:-1", "fold:x", "block", "blocks:0", "blocks:x", "pairs",
+        ] {
             let e = ExactPlacement::parse(bad).expect_err(bad).to_string();
             assert!(
                 e.contains("exact placement") && e.contains(&format!("{bad:?}")),

@@ -113,6 +113,11 @@ pub struct DecodeParams {
     /// `exact == 2`: tiles the last packed split of a pair streams fewer than the others (the
     /// time its exact work takes).
     pub exact_credit: u32,
+    /// `exact == 1`: exact blocks in the launch; block `e` serves pairs `e`, `e + exact_blocks`, ...
+    pub exact_blocks: u32,
+    /// 1: the packed rows and norms stream under the L2 evict-first policy (the lines they would
+    /// evict stay: fewer write-backs of dirty lines, more of L2 kept for the step's other kernels).
+    pub l2_evict_first: u32,
     pub pad0: u32,
 }
 
@@ -164,8 +169,8 @@ mod tests {
         assert_eq!(std::mem::align_of::<QuantizeParams>(), 8);
         assert_eq!(std::mem::size_of::<DequantizeParams>(), 40);
         assert_eq!(std::mem::align_of::<DequantizeParams>(), 8);
-        // kernels/decode_attention.cu: 20 u64, 10 u32, 4 f32 (its tq_decode_params_bytes).
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 224);
+        // kernels/decode_attention.cu: 20 u64, 12 u32, 4 f32 (its tq_decode_params_bytes).
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 232);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
         // kernels/quantize.cu: 12 u64, 4 u32.
         assert_eq!(std::mem::size_of::<AppendParams>(), 112);

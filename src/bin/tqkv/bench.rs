@@ -70,10 +70,28 @@ struct DecodeArgs {
     /// How the L2 is emptied before each timed call.
     #[arg(long, value_enum, default_value_t = Flush::Write)]
     flush: Flush,
-    /// Where the presets' exact sinks and window are scored: `blocks` (extra blocks, the
-    /// default) or `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer), for tuning.
+    /// Where the presets' exact sinks and window are scored: `blocks` (an extra block per pair,
+    /// the default), `blocks:N` (N extra blocks shared by the pairs) or `fold:CREDIT` (each
+    /// pair's last packed split, CREDIT tiles fewer), for tuning.
     #[arg(long, value_parser = parse_exact)]
     exact: Option<ExactPlacement>,
+    /// L2 policy of the streamed cache: `normal` (evict-normal, the default) or `first`
+    /// (evict-first), for tuning.
+    #[arg(long, value_enum, default_value_t = L2Policy::Normal)]
+    l2: L2Policy,
+}
+
+/// `tqkv bench decode --l2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum L2Policy {
+    Normal,
+    First,
+}
+
+impl L2Policy {
+    fn evict_first(self) -> Option<bool> {
+        Some(self == Self::First)
+    }
 }
 
 /// The L2 flush before each timed decode call (256 MB).
@@ -662,6 +680,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 let mut cache = BatchCache::with_options(dev.clone(), l, preset.options(), batch)?;
                 cache.set_decode_variant(a.variant)?;
                 cache.set_exact_placement(a.exact);
+                cache.set_l2_evict_first(a.l2.evict_first());
                 for seq in 0..batch {
                     cache.upload(seq, &prompt)?;
                 }
@@ -819,6 +838,7 @@ fn plain_batch(
 ) -> Result<BatchCache> {
     let mut cache = BatchCache::new(dev.clone(), l, batch)?;
     cache.set_decode_variant(a.variant)?;
+    cache.set_l2_evict_first(a.l2.evict_first());
     let sp = SeqPlanes {
         k_packed: &planes[0],
         k_norms: &planes[1],
