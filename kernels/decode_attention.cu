@@ -125,7 +125,8 @@ struct DecodeParams {
     u32 sinks;      // exact sink positions 0..sinks
     u32 window_len; // exact recent-window slots
     u32 exact;      // slot num_splits-1 of each (sequence, KV head) holds its exact partial, written by
-                    // 1: an exact block (grid z >= num_seqs); 2: the pair's last packed split, first
+                    // 1: an exact block (grid z >= num_seqs); 2: the pair's last packed split, first;
+                    // 3: no exact slot, each packed split also scores a slice of the exact slots
     u32 exact_bf16; // exact planes hold bf16 (1) or f16 (0)
     u64 counters;   // u32 [num_seqs][num_kv_heads], zero between launches (MERGE_LAST; else unused)
     u32 exact_credit; // exact = 2: tiles the last packed split gives up to the others for its exact work
@@ -274,8 +275,29 @@ constexpr bool V_ROWS = VROWS && ASYNC && NB == 1 && !HOLES && VCH == 16 && VNCH
 constexpr bool V_ROWS64 = VROWS && ASYNC && NB == 1 && VCH == 8 && VNCH == 1 && VS::ROW == 8 * VCH;
 __device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
 
-/// Dynamic shared memory bytes tq_decode_split needs (read by the host).
+// Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
+// original domain), scale * q.mu per head, the slice and the sequence's bounds, mu, the signs, the
+// (head, slot group) items' running states, the final state (rotated value sum, max, sum per
+// head: one more warp state for the block merge) and EXC slots' K and V rows (f16/bf16) at a time.
+constexpr int EXC = 5120 / D;                          // exact slots per staged chunk (20 KB of rows)
+constexpr int EX_SG = WARPS >= GQA ? WARPS / GQA : 1;  // slot groups per head
+constexpr int EX_NI = GQA * EX_SG;                     // (head, slot group) items
+constexpr int EX_IPW = (EX_NI + WARPS - 1) / WARPS;    // items per warp
+constexpr int EXQ_OFF = (SMEM_WORDS + 3) / 4 * 4;      // f32 [GQA][D]
+constexpr int EXQM_OFF = EXQ_OFF + GQA * D;            // f32 [8]
+constexpr int EXI_OFF = EXQM_OFF + 8;                  // u32 [8]: e0, e1, len, start, w_begin
+constexpr int EXMU_OFF = EXI_OFF + 8;                  // f32 [D]
+constexpr int EXSG_OFF = EXMU_OFF + D;                 // f32 [D]
+constexpr int EXST_OFF = EXSG_OFF + D;                 // f32 [EX_NI][D] value sums, [EX_NI][2] max, sum
+constexpr int EXO_OFF = EXST_OFF + EX_NI * (D + 2);    // f32 [GQA][D] value sum, [8] max, [8] sum
+constexpr int EXR_OFF = EXO_OFF + GQA * D + 16;        // u16 [EXC][2][D]
+constexpr int SPREAD_WORDS = EXR_OFF + EXC * D;
+static_assert(EXST_OFF % 4 == 0 && EXR_OFF % 4 == 0, "16-byte exact staging");
+
+/// Dynamic shared memory bytes tq_decode_split needs (read by the host), and with spread exact
+/// slots (p.exact == 3).
 extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
+extern "C" __constant__ u32 tq_decode_smem_bytes_spread = SPREAD_WORDS * 4;
 /// sizeof(DecodeParams), for the host to check its mirror.
 extern "C" __constant__ u32 tq_decode_params_bytes = sizeof(DecodeParams);
 
@@ -1203,6 +1225,151 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     }
 }
 
+// ---------------------------------------------------------------- spread exact slots (p.exact == 3)
+
+/// Starts copying the K and V rows of exact slots t0 .. t0 + n of `pair` into shared memory at
+/// `dst` (slot j's K row at u16 offset 2j * D, its V row at (2j + 1) * D).
+__device__ __forceinline__ void stage_exact_rows(const DecodeParams& p, u64 pair, u32 t0, u32 n, u32 dst, u32 tid) {
+    constexpr u32 CPR = D / 8; // 16-byte chunks per row
+    const u32 S = p.sinks, W = p.window_len;
+    for (u32 i = tid; i < n * 2 * CPR; i += THREADS) {
+        const u32 j = i / (2 * CPR), r = (i / CPR) & 1, ch = i % CPR;
+        const u32 t = t0 + j;
+        const bool sink = t < S;
+        const u16* base = (const u16*)(sink ? (r ? p.v_sinks : p.k_sinks) : (r ? p.v_window : p.k_window));
+        const u64 row = sink ? pair * S + t : pair * W + (t - S);
+        cp_async<16>(dst + ((2 * j + r) * D + ch * 8) * 2, base + row * D + ch * 8);
+    }
+}
+
+/// This warp's (head, slot group) items over exact slots [t0, t0 + n) staged in EXR: item
+/// (h, sg) scores slots sg, sg + EX_SG, ... like exact_block (f32, original domain, uncentered
+/// keys, scale * q.mu subtracted in shift mode) with an online softmax, from the state saved in
+/// EXST (or from empty ones, `fresh`), and saves it there. No barrier: each warp touches only its
+/// items' states.
+__device__ __noinline__ void exact_items(const DecodeParams& p, const u32* smem, u32 t0, u32 n, bool fresh) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* exi = smem + EXI_OFF;
+    const u32 len = exi[2], start = exi[3], w_begin = exi[4];
+    const float scale = p.scale, softcap = p.softcap;
+    const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+    const bool bf = p.exact_bf16 != 0;
+    const u32 S = p.sinks, W = p.window_len;
+    const float ninf = -__int_as_float(0x7f800000);
+    const float* exq = (const float*)(smem + EXQ_OFF);
+    const float* exqm = (const float*)(smem + EXQM_OFF);
+    const u16* rows = (const u16*)(smem + EXR_OFF);
+    float* st_o = (float*)(smem + EXST_OFF); // [EX_NI][D]
+    float* st_ml = st_o + EX_NI * D;         // [EX_NI][2]
+#pragma unroll 1
+    for (u32 it = warp; it < (u32)EX_NI; it += WARPS) {
+        const u32 h = it % GQA, sg = it / GQA;
+        float m = fresh ? ninf : st_ml[2 * it], l = fresh ? 0.0f : st_ml[2 * it + 1];
+        float o[EL], qf[EL];
+#pragma unroll
+        for (int e = 0; e < EL; ++e) {
+            o[e] = fresh ? 0.0f : st_o[it * D + lane * EL + e];
+            qf[e] = exq[h * D + lane * EL + e];
+        }
+        const float qm = exqm[h];
+#pragma unroll 1
+        for (u32 j = sg; j < n; j += EX_SG) {
+            if (!exact_slot_live(t0 + j, S, W, len, start, w_begin)) continue; // the same on every lane
+            float kx[EL], vx[EL];
+            load_exact(rows + 2 * j * D, lane, bf, kx);
+            load_exact(rows + (2 * j + 1) * D, lane, bf, vx);
+            float dot = 0.0f;
+#pragma unroll
+            for (int e = 0; e < EL; ++e) dot += qf[e] * kx[e];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+            float v = scale * dot;
+            if (softcap > 0.0f) {
+                const float ez = ex2(2.0f * LOG2E * v * inv_cap);
+                v = softcap * (1.0f - 2.0f / (ez + 1.0f));
+            }
+            v = (v - qm) * LOG2E;
+            const float mn = fmaxf(m, v);
+            const float corr = ex2(m - mn), pj = ex2(v - mn);
+            l = l * corr + pj;
+#pragma unroll
+            for (int e = 0; e < EL; ++e) o[e] = o[e] * corr + pj * vx[e];
+            m = mn;
+        }
+        __syncwarp(); // every lane has read the saved state
+#pragma unroll
+        for (int e = 0; e < EL; ++e) st_o[it * D + lane * EL + e] = o[e];
+        if (lane == 0) {
+            st_ml[2 * it] = m;
+            st_ml[2 * it + 1] = l;
+        }
+    }
+}
+
+/// After the token loop (all threads, after a barrier; exact_items has scored the first chunk of
+/// this split's exact slots [e0, e1) (EXI_OFF) in the prologue): the remaining chunks, each
+/// staged and waited for here, then the heads' states merged (slot groups) and rotated into EXO:
+/// value sum H D o / sqrt(d) * pv_scale, max (log2 units) and sum per head, one more warp state
+/// for the block merge. Ends with a barrier.
+__device__ __noinline__ void exact_finish(const DecodeParams& p, u64 pair, u32* smem) {
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 e0 = smem[EXI_OFF], e1 = smem[EXI_OFF + 1];
+#pragma unroll 1
+    for (u32 t0 = e0 + EXC; t0 < e1; t0 += EXC) {
+        const u32 n = e1 - t0 < (u32)EXC ? e1 - t0 : (u32)EXC;
+        stage_exact_rows(p, pair, t0, n, smem_addr(smem + EXR_OFF), tid);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        exact_items(p, smem, t0, n, false);
+        __syncthreads(); // every warp is done with the chunk's rows
+    }
+    const float ninf = -__int_as_float(0x7f800000);
+    const float* st_o = (const float*)(smem + EXST_OFF);
+    const float* st_ml = st_o + EX_NI * D;
+    const float* sgn = (const float*)(smem + EXSG_OFF);
+    const float pv_scale = p.pv_scale;
+    float* o_x = (float*)(smem + EXO_OFF);
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        float mx = ninf;
+#pragma unroll
+        for (int g = 0; g < EX_SG; ++g) mx = fmaxf(mx, st_ml[2 * (g * GQA + h)]);
+        float v[EL], lsum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EL; ++e) v[e] = 0.0f;
+#pragma unroll
+        for (int g = 0; g < EX_SG; ++g) {
+            const u32 it = g * GQA + h;
+            const float mg = st_ml[2 * it];
+            const float f = mg == ninf ? 0.0f : ex2(mg - mx);
+            lsum += f * st_ml[2 * it + 1];
+#pragma unroll
+            for (int e = 0; e < EL; ++e) v[e] += f * st_o[it * D + lane * EL + e];
+        }
+#pragma unroll
+        for (int e = 0; e < EL; ++e) v[e] *= sgn[lane * EL + e] * pv_scale;
+        fwht_warp(v, lane);
+#pragma unroll
+        for (int e = 0; e < EL; ++e) o_x[h * D + lane * EL + e] = v[e] * INV_SQRT_D;
+        if (lane == 0) {
+            o_x[GQA * D + h] = mx;
+            o_x[GQA * D + 8 + h] = lsum;
+        }
+    }
+    __syncthreads();
+}
+
+/// exact = 3: the exact slots [ex0, ex1) split `split` of `splits` also scores (an even share of
+/// the pair's); whether there are any.
+__device__ __forceinline__ bool exact_share(const DecodeParams& p, u32 split, u32 splits, u32& ex0, u32& ex1) {
+    ex0 = ex1 = 0;
+    if (p.exact != 3) return false;
+    const u32 nslot = p.sinks + p.window_len, share = (nslot + splits - 1) / splits;
+    ex0 = split * share < nslot ? split * share : nslot;
+    ex1 = ex0 + share < nslot ? ex0 + share : nslot;
+    return ex0 < ex1;
+}
+
 // ---------------------------------------------------------------- the split kernel entry
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_split(const __grid_constant__ DecodeParams p) {
@@ -1241,7 +1408,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
     const u32 vis = visible_start(ring, p, len);
     u32 start = vis;
-    const u32 packed_splits = p.num_splits - (p.exact != 0); // == gridDim.x
+    const u32 packed_splits = p.num_splits - (p.exact == 1 || p.exact == 2); // == gridDim.x
+    u32 ex0, ex1;
+    const bool has_ex = exact_share(p, split, packed_splits, ex0, ex1);
     // exact = 2: this pair's last packed split first scores the exact sinks and window (slot
     // num_splits - 1) and streams exact_credit fewer tiles than the others.
     const bool folded = p.exact == 2 && split == packed_splits - 1;
@@ -1257,6 +1426,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             else
                 cp_async<16>(smem_addr(smem + SG_OFF) + 16 * (i - NQ), (const u8*)p.signs + 16 * (i - NQ));
         }
+        if (has_ex) {
+            const u32 n0 = ex1 - ex0 < (u32)EXC ? ex1 - ex0 : (u32)EXC;
+            stage_exact_rows(p, pair_idx, ex0, n0, smem_addr(smem + EXR_OFF), tid);
+            for (u32 i = tid; i < NS; i += THREADS) {
+                cp_async<16>(smem_addr(smem + EXSG_OFF) + 16 * i, (const u8*)p.signs + 16 * i);
+                if (p.key_mean)
+                    cp_async<16>(smem_addr(smem + EXMU_OFF) + 16 * i, (const u8*)((const float*)p.key_mean + pair_idx * D) + 16 * i);
+            }
+        }
         cp_async_commit();
     }
     // Packed positions: [max(start, sinks), min(len, frontier)).
@@ -1265,6 +1443,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         const u32 f = ((const u32*)p.frontiers)[seq];
         if (f < end) end = f;
     }
+    const u32 frontier = end;
     if (p.sinks > start) start = p.sinks;
     if (start > end) start = end;
     // Tiles start on TILE-position boundaries (whole sectors of rows and norms); the positions
@@ -1281,7 +1460,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     float* part_o = (float*)p.part_o + part_base * D;
     float* part_ml = (float*)p.part_ml + part_base * 2;
 
-    if (t_begin >= t_end) {
+    if (has_ex && tid == 0) {
+        // kept in shared memory through the token loop, not in registers
+        u32 w_begin = vis > p.sinks ? vis : p.sinks;
+        if (frontier > w_begin) w_begin = frontier;
+        u32* exi = smem + EXI_OFF;
+        exi[0] = ex0;
+        exi[1] = ex1;
+        exi[2] = len;
+        exi[3] = vis;
+        exi[4] = w_begin;
+    }
+    if (t_begin >= t_end && !has_ex) {
         cp_async_wait<0>(); // the staging lands before merge_if_last reuses shared memory
         for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = 0.0f;
         if (tid < GQA) {
@@ -1331,7 +1521,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         __syncthreads();
         const qtype* qr = (const qtype*)(smem + QRAW_OFF);
         const float* sg = (const float*)(smem + SG_OFF);
-        const float* mu = p.key_mean && p.softcap > 0.0f ? (const float*)p.key_mean + pair_idx * D : nullptr;
+        // q.mu: added to the packed scores before a softcap; with spread exact slots and no
+        // softcap, subtracted from their scores (exqm).
+        const float* mu = !p.key_mean ? nullptr
+                          : has_ex    ? (const float*)(smem + EXMU_OFF)
+                          : p.softcap > 0.0f ? (const float*)p.key_mean + pair_idx * D
+                                             : nullptr;
+        float* exq = (float*)(smem + EXQ_OFF);
 #pragma unroll
         for (int j = 0; j < HPW; ++j) {
             const u32 h = warp + j * WARPS;
@@ -1343,6 +1539,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 const float x = load_q(qr + h * D + i);
                 v[e] = x * sg[i];
                 if (mu) qm += x * mu[i];
+                if (has_ex) exq[h * D + i] = x;
             }
             fwht_warp(v, lane);
             float m = 0.0f;
@@ -1358,11 +1555,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             }
             if (lane == 0) {
                 amax[h] = m;
-                amax[8 + h] = p.scale * qm;
+                amax[8 + h] = p.softcap > 0.0f ? p.scale * qm : 0.0f;
+                if (has_ex) ((float*)(smem + EXQM_OFF))[h] = p.softcap > 0.0f ? 0.0f : p.scale * qm;
             }
         }
         __syncthreads(); // tables, qs and amax
     }
+    // The first chunk of this split's exact slots, each warp its items, while its first tile loads.
+    if (has_ex) exact_items(p, smem, ex0, ex1 - ex0 < (u32)EXC ? ex1 - ex0 : (u32)EXC, true);
     // Score-side A fragments: row g = query head, k slots (2c, 2c+1 | 2c+8, 2c+9) of chunk kb in
     // block b <-> dims b*256 + c*D_BLK/4 + 4kb + (0, 1 | 2, 3).
     u32 qa[NB][KB][2];
@@ -1609,11 +1809,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
 #endif
     __syncthreads();
+    // The exact slots' remaining chunks and state (one more warp state at EXO_OFF); whether this
+    // split has any is recomputed rather than held in registers through the token loop.
+    u32 ex0_end, ex1_end;
+    const bool has_ex_end = exact_share(p, blockIdx.x, gridDim.x, ex0_end, ex1_end);
+    if (has_ex_end) exact_finish(p, (u64)blockIdx.z * p.num_kv_heads + blockIdx.y, smem);
+    const float* ex_o = (const float*)(smem + EXO_OFF);
     for (u32 i = tid; i < GQA * D; i += THREADS) {
         const u32 h = i / D;
         float mx = -__int_as_float(0x7f800000);
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * 8 + h]);
+        if (has_ex_end) mx = fmaxf(mx, ex_o[GQA * D + h]);
         float acc = 0.0f, l = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
@@ -1621,6 +1828,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             const float f = mw == -__int_as_float(0x7f800000) ? 0.0f : ex2(mw - mx);
             acc += f * sm_o[(w * GQA) * D + i];
             l += f * sm_l[w * 8 + h];
+        }
+        if (has_ex_end) {
+            const float mw = ex_o[GQA * D + h];
+            const float f = mw == -__int_as_float(0x7f800000) ? 0.0f : ex2(mw - mx);
+            acc += f * ex_o[i];
+            l += f * ex_o[GQA * D + 8 + h];
         }
         part_o[i] = acc;
         if (i % D == 0) {

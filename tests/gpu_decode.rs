@@ -388,6 +388,10 @@ fn decode_params_mirror_has_the_kernels_size() {
         );
         assert_eq!(info.params_bytes, 232);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
+        assert!(
+            info.smem_bytes_spread > info.smem_bytes,
+            "spread exact slots unavailable: {info:?}"
+        );
         assert!(info.blocks_per_sm >= 1, "{info:?}");
         println!("decode kernel heads {heads} {dtype:?}: {info:?}");
     }

@@ -144,12 +144,13 @@ fn compare_attention(
     rel
 }
 
-/// Every placement of the exact work: extra blocks (the default), three extra blocks shared by
-/// the pairs (each serves several, one after another), folded into the last packed split with no
-/// credit, with a typical one, and with a credit larger than any split (that split streams no
-/// packed tile).
-const PLACEMENTS: [Option<ExactPlacement>; 5] = [
+/// Every placement of the exact work: spread over the packed splits (the default), extra blocks,
+/// three extra blocks shared by the pairs (each serves several, one after another), folded into
+/// the last packed split with no credit, with a typical one, and with a credit larger than any
+/// split (that split streams no packed tile).
+const PLACEMENTS: [Option<ExactPlacement>; 6] = [
     None,
+    Some(ExactPlacement::Blocks),
     Some(ExactPlacement::Shared { blocks: 3 }),
     Some(ExactPlacement::Folded { credit: 0 }),
     Some(ExactPlacement::Folded { credit: 48 }),

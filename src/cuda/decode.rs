@@ -47,6 +47,10 @@ struct DecodeKernel {
 pub struct DecodeKernelInfo {
     /// Dynamic shared memory of `tq_decode_split` (module global `tq_decode_smem_bytes`).
     pub smem_bytes: u32,
+    /// The same with spread exact slots (`tq_decode_smem_bytes_spread`), when it keeps
+    /// `blocks_per_sm` blocks resident (else 0: [`ExactPlacement::Spread`] falls back to
+    /// [`ExactPlacement::Blocks`]).
+    pub smem_bytes_spread: u32,
     /// `sizeof(DecodeParams)` in the kernel (module global `tq_decode_params_bytes`).
     pub params_bytes: u32,
     /// Resident `tq_decode_split` blocks per SM (driver occupancy query).
@@ -61,8 +65,13 @@ pub struct DecodeKernelInfo {
 /// (`DecodeParams::exact`); their partial is one more slot of each (sequence, kv head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExactPlacement {
+    /// Each packed split of a pair also scores an even share of the pair's exact slots (their
+    /// rows staged at its start, scored before its tiles) and merges them with its warps'
+    /// states: no extra block or partial. The default up to 4096 visible positions.
+    Spread,
     /// One more block per (sequence, kv head), dispatched after the packed blocks (grid z-slices
-    /// past the sequences): they fill the block slots the packed wave leaves free. The default.
+    /// past the sequences): they fill the block slots the packed wave leaves free. The default
+    /// past 4096 visible positions.
     Blocks,
     /// `blocks` extra blocks (at most one per pair), block `e` serving pairs `e`, `e + blocks`,
     /// ... one after another (for tuning and tests; measured on the H100 with `blocks` = the free
@@ -77,10 +86,11 @@ pub enum ExactPlacement {
 }
 
 impl ExactPlacement {
-    /// `blocks`, `blocks:N` or `fold:CREDIT` (credit in tiles of 16 positions).
+    /// `spread`, `blocks`, `blocks:N` or `fold:CREDIT` (credit in tiles of 16 positions).
     pub fn parse(s: &str) -> Result<Self> {
         match s.split_once(':') {
             None if s == "blocks" => Ok(Self::Blocks),
+            None if s == "spread" => Ok(Self::Spread),
             Some(("blocks", n)) => match n.parse() {
                 Ok(blocks) if blocks > 0 => Ok(Self::Shared { blocks }),
                 _ => invalid!("exact placement {s:?}: {n:?} is not a block count >= 1"),
@@ -95,7 +105,7 @@ impl ExactPlacement {
                 }),
             _ => {
                 invalid!(
-                    "exact placement {s:?}: expected \"blocks\", \"blocks:N\" or \"fold:CREDIT\""
+                    "exact placement {s:?}: expected \"spread\", \"blocks\", \"blocks:N\" or \"fold:CREDIT\""
                 )
             }
         }
@@ -184,10 +194,11 @@ pub(super) struct DecodeState {
     counters: Mutex<Option<CudaSlice<u32>>>,
     /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
     variant: Option<DecodeVariant>,
-    /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else
-    /// [`ExactPlacement::Blocks`].
+    /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else spread up to
+    /// 4096 visible positions and extra blocks past that.
     exact_placement: Option<ExactPlacement>,
-    /// Evict-first streaming chosen by the caller ([`BatchCache::set_l2_evict_first`]).
+    /// Evict-first streaming chosen by the caller ([`BatchCache::set_l2_evict_first`]), else by
+    /// the launch's size.
     l2_evict_first: Option<bool>,
 }
 
@@ -243,6 +254,15 @@ pub fn num_splits(pairs: u64, slots: u64, max_tiles: u64, warps: u32) -> u32 {
     best as u32
 }
 
+/// Longest visible sequence up to which the exact slots are spread over the packed splits by
+/// default (H100, tq4 / plain 4/4: at 4096 tokens spread 1.13-1.16, extra blocks 1.25-1.31 at
+/// batch 1 and 8; at 16384 and 65536 extra blocks 1.006-1.07, spread 1.02-1.13).
+const SPREAD_MAX_POSITIONS: u64 = 4096;
+
+/// Launches that read at most this many L2 sizes of packed cache stream it evict-first (H100,
+/// flush by writes: -6% at 142 MB, +4% at 570 MB; flush by reads: no change either way).
+const L2_EVICT_FIRST_L2S: u64 = 4;
+
 fn float_dtype(op: &str, what: &str, buf: &DeviceBuffer) -> Result<DType> {
     match buf.dtype() {
         BufferDType::Float(d) => Ok(d),
@@ -263,16 +283,16 @@ impl BatchCache {
         Ok(())
     }
 
-    /// Chooses where the exact sinks and window are scored (`None`: [`ExactPlacement::Blocks`]);
+    /// Chooses where the exact sinks and window are scored (`None`: [`ExactPlacement::Spread`] up
+    /// to 4096 visible positions, [`ExactPlacement::Blocks`] past that);
     /// for tuning and tests. Takes effect at the next launch.
     pub fn set_exact_placement(&mut self, placement: Option<ExactPlacement>) {
         self.decode.exact_placement = placement;
     }
 
-    /// The L2 policy of the streamed cache: `Some(true)` evict-first, else evict-normal (the
-    /// default; as fast as evict-first after an L2 flush by writes at batch 8 / 16384 tokens, and
-    /// not ~4% slower at 4x the bytes: bench/NOTES-decode.md); for tuning. Takes effect at the
-    /// next launch.
+    /// Forces the L2 policy of the streamed cache (`Some(true)`: evict-first, `Some(false)`:
+    /// evict-normal; `None`: evict-first while the launch reads at most 4 L2 sizes, the default);
+    /// for tuning. Takes effect at the next launch.
     pub fn set_l2_evict_first(&mut self, evict_first: Option<bool>) {
         self.decode.l2_evict_first = evict_first;
     }
@@ -332,6 +352,7 @@ impl BatchCache {
             Ok(u32::from_le_bytes(b))
         };
         let smem_bytes = read_u32("tq_decode_smem_bytes")?;
+        let smem_spread = read_u32("tq_decode_smem_bytes_spread")?;
         let params_bytes = read_u32("tq_decode_params_bytes")?;
         if params_bytes as usize != std::mem::size_of::<DecodeParams>() {
             return Err(TqError::Cuda(format!(
@@ -365,12 +386,39 @@ impl BatchCache {
                  block; 0 resident blocks per SM)"
             )));
         }
+        // Spread exact slots need more shared memory: usable where the device grants it without
+        // costing a resident block.
+        let smem_bytes_spread = if split
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_spread as i32,
+            )
+            .is_ok()
+            && split
+                .occupancy_max_active_blocks_per_multiprocessor(
+                    v.warps * 32,
+                    smem_spread as usize,
+                    None,
+                )
+                .is_ok_and(|b| b == blocks_per_sm)
+        {
+            smem_spread
+        } else {
+            split
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem_bytes as i32,
+                )
+                .map_err(err("shared memory size"))?;
+            0
+        };
         let registers = split.num_regs().map_err(err("registers"))?.max(0) as u32;
         let k = DecodeKernel {
             split,
             merge,
             info: DecodeKernelInfo {
                 smem_bytes,
+                smem_bytes_spread,
                 params_bytes,
                 blocks_per_sm,
                 registers,
@@ -430,29 +478,36 @@ impl BatchCache {
         Ok(self.splits_for(&k.info, cfg))
     }
 
+    /// Packed bytes a launch reads: rows and norms of every visible position.
+    fn stream_bytes(&self, cfg: &AttentionConfig) -> u64 {
+        self.visible(cfg).sum::<u64>() * self.layout().bytes_per_token() as u64
+    }
+
     fn splits_for(&self, info: &DecodeKernelInfo, cfg: &AttentionConfig) -> u32 {
         let l = self.layout();
-        let visible = |(&len, &mode): (&u32, &CacheMode)| {
-            let mut n = len as u64;
-            if mode == CacheMode::Ring {
-                n = n.min(l.capacity as u64);
-            }
-            if cfg.window > 0 {
-                n = n.min(cfg.window as u64);
-            }
-            n
-        };
-        let longest = self
-            .lens
-            .iter()
-            .zip(&self.modes)
-            .map(visible)
-            .max()
-            .unwrap_or(0);
         let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
-        let tiles = longest.div_ceil(TILE as u64).max(1);
+        let tiles = self.longest_visible(cfg).div_ceil(TILE as u64).max(1);
         let slots = self.codec.device().sm_count() as u64 * info.blocks_per_sm as u64;
         num_splits(pairs, slots, tiles, info.variant.warps)
+    }
+
+    /// Visible positions of each sequence (the last `capacity` of a ring, the last `cfg.window`).
+    fn visible(&self, cfg: &AttentionConfig) -> impl Iterator<Item = u64> + '_ {
+        let (cap, window) = (self.layout().capacity as u64, cfg.window as u64);
+        self.lens.iter().zip(&self.modes).map(move |(&len, &mode)| {
+            let mut n = len as u64;
+            if mode == CacheMode::Ring {
+                n = n.min(cap);
+            }
+            if window > 0 {
+                n = n.min(window);
+            }
+            n
+        })
+    }
+
+    fn longest_visible(&self, cfg: &AttentionConfig) -> u64 {
+        self.visible(cfg).max().unwrap_or(0)
     }
 
     /// Decode attention of one query per sequence: `q: [num_seqs, num_heads, head_dim]` (f32, f16
@@ -500,17 +555,21 @@ impl BatchCache {
         let (exact, exact_credit, exact_blocks) = if self.sinks + self.window == 0 {
             (0, 0, 0)
         } else {
-            match self
-                .decode
-                .exact_placement
-                .unwrap_or(ExactPlacement::Blocks)
-            {
-                ExactPlacement::Blocks => (1, 0, n_pairs as u32),
+            // Spread where the packed wave is short (an exact block would outlast it), else
+            // extra blocks (H100: bench/NOTES-decode.md).
+            let auto = if self.longest_visible(cfg) <= SPREAD_MAX_POSITIONS {
+                ExactPlacement::Spread
+            } else {
+                ExactPlacement::Blocks
+            };
+            match self.decode.exact_placement.unwrap_or(auto) {
+                ExactPlacement::Spread if k.info.smem_bytes_spread > 0 => (3, 0, 0),
+                ExactPlacement::Spread | ExactPlacement::Blocks => (1, 0, n_pairs as u32),
                 ExactPlacement::Shared { blocks } => (1, 0, blocks.min(n_pairs as u32)),
                 ExactPlacement::Folded { credit } => (2, credit, 0),
             }
         };
-        let splits = packed + u32::from(exact != 0);
+        let splits = packed + u32::from(exact == 1 || exact == 2);
         // Exact blocks: z-slices of (packed, num_kv_heads) blocks past the sequences.
         let exact_z = (exact_blocks as usize).div_ceil(packed as usize * l.num_kv_heads);
         if self.num_seqs + exact_z > MAX_GRID_YZ {
@@ -584,7 +643,15 @@ impl BatchCache {
                 invalid!("{op}: {name} at {ptr:#x} is not 16-byte aligned");
             }
         }
-        let l2_evict_first = u32::from(self.decode.l2_evict_first.unwrap_or(false));
+        // Evict-first streaming while the launch reads at most L2_EVICT_FIRST_L2S L2 sizes: it
+        // keeps the L2's other lines (a flush by writes leaves dirty ones, whose write-back the
+        // stream would otherwise pay); past that its cost outweighs this (bench/NOTES-decode.md).
+        let stream_bytes = self.stream_bytes(cfg);
+        let l2_evict_first = u32::from(
+            self.decode
+                .l2_evict_first
+                .unwrap_or(stream_bytes <= L2_EVICT_FIRST_L2S * self.codec.device().l2_bytes()),
+        );
         let params = DecodeParams {
             q: q_ptr,
             out: out_ptr,
@@ -632,7 +699,11 @@ impl BatchCache {
                 (self.num_seqs + exact_z) as u32,
             ),
             block_dim: (k.info.variant.warps * 32, 1, 1),
-            shared_mem_bytes: k.info.smem_bytes,
+            shared_mem_bytes: if exact == 3 {
+                k.info.smem_bytes_spread
+            } else {
+                k.info.smem_bytes
+            },
         };
         let merge_cfg = LaunchConfig {
             grid_dim: (num_heads as u32, self.num_seqs as u32, 1),
@@ -685,6 +756,10 @@ mod tests {
         assert_eq!(
             ExactPlacement::parse("fold:48").ok(),
             Some(ExactPlacement::Folded { credit: 48 })
+        );
+        assert_eq!(
+            ExactPlacement::parse("spread").ok(),
+            Some(ExactPlacement::Spread)
         );
         assert_eq!(
             ExactPlacement::parse("blocks:3").ok(),

@@ -18,6 +18,7 @@ pub struct CudaDevice {
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
+    l2_bytes: u64,
     registry: Registry,
 }
 
@@ -68,6 +69,10 @@ impl CudaDevice {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_err("cuda device", e))?
             .max(1) as u32;
+        let l2_bytes = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(|e| driver_err("cuda device", e))?
+            .max(0) as u64;
         Ok(Arc::new(Self {
             registry: Registry::new(Registry::arch_for(compute_capability)),
             ctx,
@@ -75,6 +80,7 @@ impl CudaDevice {
             name,
             compute_capability,
             sm_count,
+            l2_bytes,
         }))
     }
 
@@ -115,6 +121,11 @@ impl CudaDevice {
     /// Streaming multiprocessors.
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// L2 cache bytes (50 MiB on the H100 SXM).
+    pub fn l2_bytes(&self) -> u64 {
+        self.l2_bytes
     }
 
     pub fn registry(&self) -> &Registry {

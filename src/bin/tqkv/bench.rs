@@ -70,27 +70,33 @@ struct DecodeArgs {
     /// How the L2 is emptied before each timed call.
     #[arg(long, value_enum, default_value_t = Flush::Write)]
     flush: Flush,
-    /// Where the presets' exact sinks and window are scored: `blocks` (an extra block per pair,
-    /// the default), `blocks:N` (N extra blocks shared by the pairs) or `fold:CREDIT` (each
-    /// pair's last packed split, CREDIT tiles fewer), for tuning.
+    /// Where the presets' exact sinks and window are scored: `spread` (a share in each packed
+    /// split), `blocks` (an extra block per pair), `blocks:N` (N extra blocks shared by the
+    /// pairs) or `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer), for tuning;
+    /// default: spread up to 4096 tokens, blocks past that.
     #[arg(long, value_parser = parse_exact)]
     exact: Option<ExactPlacement>,
-    /// L2 policy of the streamed cache: `normal` (evict-normal, the default) or `first`
-    /// (evict-first), for tuning.
-    #[arg(long, value_enum, default_value_t = L2Policy::Normal)]
+    /// L2 policy of the streamed cache: `auto` (evict-first while a call reads at most 4 L2
+    /// sizes, the default), `first` or `normal`, for tuning.
+    #[arg(long, value_enum, default_value_t = L2Policy::Auto)]
     l2: L2Policy,
 }
 
 /// `tqkv bench decode --l2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum L2Policy {
-    Normal,
+    Auto,
     First,
+    Normal,
 }
 
 impl L2Policy {
     fn evict_first(self) -> Option<bool> {
-        Some(self == Self::First)
+        match self {
+            Self::Auto => None,
+            Self::First => Some(true),
+            Self::Normal => Some(false),
+        }
     }
 }
 
