@@ -200,6 +200,8 @@ pub(super) struct DecodeState {
     /// Evict-first streaming chosen by the caller ([`BatchCache::set_l2_evict_first`]), else by
     /// the launch's size.
     l2_evict_first: Option<bool>,
+    /// Packed splits per pair chosen by the caller ([`BatchCache::set_decode_splits`]).
+    splits: Option<u32>,
 }
 
 fn dtype_code(d: DType) -> i64 {
@@ -295,6 +297,16 @@ impl BatchCache {
     /// for tuning. Takes effect at the next launch.
     pub fn set_l2_evict_first(&mut self, evict_first: Option<bool>) {
         self.decode.l2_evict_first = evict_first;
+    }
+
+    /// Forces the packed splits per (sequence, kv head) (`None`: [`num_splits`] of the resident
+    /// block slots); for tuning. Takes effect at the next launch.
+    pub fn set_decode_splits(&mut self, splits: Option<u32>) -> Result<()> {
+        if splits == Some(0) {
+            invalid!("decode attention: splits must be at least 1");
+        }
+        self.decode.splits = splits;
+        Ok(())
     }
 
     /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
@@ -484,6 +496,9 @@ impl BatchCache {
     }
 
     fn splits_for(&self, info: &DecodeKernelInfo, cfg: &AttentionConfig) -> u32 {
+        if let Some(s) = self.decode.splits {
+            return s;
+        }
         let l = self.layout();
         let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
         let tiles = self.longest_visible(cfg).div_ceil(TILE as u64).max(1);

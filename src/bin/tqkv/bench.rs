@@ -80,6 +80,9 @@ struct DecodeArgs {
     /// sizes, the default), `first` or `normal`, for tuning.
     #[arg(long, value_enum, default_value_t = L2Policy::Auto)]
     l2: L2Policy,
+    /// Packed splits per (sequence, kv head) instead of the launch's choice, for tuning.
+    #[arg(long)]
+    splits: Option<u32>,
 }
 
 /// `tqkv bench decode --l2`.
@@ -687,6 +690,7 @@ fn decode(a: &DecodeArgs) -> Result<()> {
                 cache.set_decode_variant(a.variant)?;
                 cache.set_exact_placement(a.exact);
                 cache.set_l2_evict_first(a.l2.evict_first());
+                cache.set_decode_splits(a.splits)?;
                 for seq in 0..batch {
                     cache.upload(seq, &prompt)?;
                 }
@@ -845,6 +849,7 @@ fn plain_batch(
     let mut cache = BatchCache::new(dev.clone(), l, batch)?;
     cache.set_decode_variant(a.variant)?;
     cache.set_l2_evict_first(a.l2.evict_first());
+    cache.set_decode_splits(a.splits)?;
     let sp = SeqPlanes {
         k_packed: &planes[0],
         k_norms: &planes[1],
