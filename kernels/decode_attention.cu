@@ -44,7 +44,7 @@
 // MIN_BLOCKS (resident blocks per SM the register allocation must allow), LUT256 (0/1: byte-field
 // tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products),
 // MERGE_LAST (0/1: the splits are merged by the last block of each pair, one launch), VROWS
-// (0/1: the V stage in row order where it applies, see V_ROWS and V_ROWS64).
+// (0/1: the V stage in row order where it applies, see V_ROWS, V_ROWS64 and V_ROWS32).
 // Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
 
 #ifndef K_BITS
@@ -225,6 +225,11 @@ constexpr int PIPE_BYTES = WARPS * STAGES * STAGE_BYTES;
 // PSC * (multiple of 128) + a per-lane term). Other tables: entry e of lane l at word e * 32 + l.
 constexpr bool K_P8 = LUT256 && KS::FIELD == 8;
 constexpr bool V_P8 = LUT256 && VS::FIELD == 8;
+// 2-bit V (4-bit pair fields) with LUT256: its 16-entry table in 256-byte rows too, each word's
+// even and odd nibbles split into bytes (three instructions per 8 fields), then one PRMT per
+// lookup as for P8 (was a shift and a mask per lookup).
+constexpr bool V_N8 = LUT256 && VS::FIELD == 4 && !SHARED_TAB;
+constexpr int V_TAB_WORDS = V_N8 ? VS::ENTRIES * 64 : VS::TAB_WORDS;
 constexpr bool TWO_P8 = K_P8 && V_P8 && !SHARED_TAB;
 constexpr bool HOLES = (K_P8 || V_P8) && !TWO_P8 && NB == 1;
 constexpr int PSC = HOLES ? 2 : 1;                              // pipeline address scale
@@ -233,7 +238,7 @@ constexpr int REGION_ROWS = HOLES && PIPE_BYTES / 128 > P8_ROWS ? PIPE_BYTES / 1
 constexpr int REGION_WORDS = REGION_ROWS * 64;
 constexpr int TAB_K_OFF = K_P8 ? 0 : REGION_WORDS;              // words
 constexpr int TAB_V_OFF = SHARED_TAB ? TAB_K_OFF : V_P8 ? (TWO_P8 ? 32 : 0) : REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS);
-constexpr int TAB_END = REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS) + (V_P8 || SHARED_TAB ? 0 : VS::TAB_WORDS);
+constexpr int TAB_END = REGION_WORDS + (K_P8 ? 0 : KS::TAB_WORDS) + (V_P8 || SHARED_TAB ? 0 : V_TAB_WORDS);
 constexpr int PIPE_OFF = HOLES ? 32 : TAB_END;                  // words: pipeline byte 0
 constexpr int QS_OFF = HOLES ? TAB_END : TAB_END + PIPE_BYTES / 4; // f32 rows (qs_at) + amax [16]
 static_assert(STAGE_BYTES % 128 == 0 && ST_V % 128 == 0 && ST_N % 128 == 0, "128-byte pipeline groups");
@@ -273,6 +278,12 @@ constexpr bool V_ROWS = VROWS && ASYNC && NB == 1 && !HOLES && VCH == 16 && VNCH
 // take the ideal two wavefronts. The lane-slice layout took eight per load (ncu: 6 excess
 // wavefronts per LDGSTS, 4 per tile and warp).
 constexpr bool V_ROWS64 = VROWS && ASYNC && NB == 1 && VCH == 8 && VNCH == 1 && VS::ROW == 8 * VCH;
+// The same for 32-byte rows of 4-byte slices (2-bit V at HEAD_DIM 128): token t's row at V-stage
+// byte vslot32(t) * 32, so one 16-byte cp.async per lane copies the tile's 16 rows (was four
+// 4-byte ones) and the readers (lane g*4 + c reads slice g of token 2c + ..., rows c * 32 apart)
+// hit 32 distinct banks.
+constexpr bool V_ROWS32 = VROWS && ASYNC && NB == 1 && VCH == 4 && VNCH == 1 && VS::ROW == 8 * VCH;
+__device__ __forceinline__ u32 vslot32(u32 t) { return ((t >> 1) & 3) | ((t & 1) << 2) | (t & 8); }
 __device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
 
 // Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
@@ -411,10 +422,19 @@ template <int I, int NW>
 __device__ __forceinline__ u32 byte_off(const u32 (&w)[NW], u32 lane4) {
     return __byte_perm(w[I / 4], lane4, 0x5504 | ((I % 4) << 4));
 }
-/// Offset of lookup field I of a side (P8: LUT256 layout).
-template <bool P8, int FIELD, int I, int NW>
+/// Offset of 4-bit field I of the stream `w` in a table of 256-byte rows (V_N8): nibble * 256 +
+/// lane * 4, from the word's even or odd nibbles split into bytes (shared by its 8 fields).
+template <int I, int NW>
+__device__ __forceinline__ u32 nib_off(const u32 (&w)[NW], u32 lane4) {
+    const u32 x = w[I / 8];
+    const u32 b = (I % 2) ? (x >> 4) & 0x0F0F0F0Fu : x & 0x0F0F0F0Fu;
+    return __byte_perm(b, lane4, 0x5504 | (((I % 8) / 2) << 4));
+}
+/// Offset of lookup field I of a side (P8: LUT256 layout; N8: nibble fields in it).
+template <bool P8, int FIELD, int I, int NW, bool N8 = false>
 __device__ __forceinline__ u32 lut_off(const u32 (&w)[NW], u32 lane4) {
     if constexpr (P8) return byte_off<I>(w, lane4);
+    else if constexpr (N8) return nib_off<I>(w, lane4);
     else return field_off<FIELD, I>(w, lane4);
 }
 
@@ -490,7 +510,8 @@ struct Tile {
 
 /// Per-lane pipeline address terms: pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4); with
 /// V_ROWS64, v is the read offset of token 2c (token 2c + 1: v ^ 64) and vw the write offset of
-/// the fast path's first instruction.
+/// the fast path's first instruction; with V_ROWS32, v the read offset of token 2c (slot c) and
+/// vw the fast path's write offset.
 struct PipeLane {
     u32 k, v, n, vw;
 };
@@ -498,6 +519,8 @@ __device__ __forceinline__ PipeLane pipe_lane(u32 lane) {
     const u32 g = lane >> 2, c = lane & 3, tl = lane >> 3, q = lane & 7;
     if constexpr (V_ROWS64)
         return {pofs(lane * KCH), pofs(vslot(2 * c) * 64 + g * 8), pofs(lane * 4), pofs(vslot(tl) * 64 + q * 8)};
+    else if constexpr (V_ROWS32)
+        return {pofs(lane * KCH), pofs(c * 32 + g * 4), pofs(lane * 4), pofs(vslot32(lane >> 1) * 32 + (lane & 1) * 16)};
     else
         return {pofs(lane * KCH), pofs(lane * VCH), pofs(lane * 4), 0};
 }
@@ -548,6 +571,9 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             const u8* vr0 = s.vp + (u64)(slot0 + (lane >> 3)) * VS::ROW + (lane & 7) * 8;
 #pragma unroll
             for (int j = 0; j < 4; ++j) cp_stream<8>(st + PSC * (ST_V + 256 * j) + pl.vw, vr0 + 4 * j * VS::ROW, pol);
+        } else if constexpr (V_ROWS32) {
+            // one instruction: token lane >> 1, 16-byte half lane & 1
+            cp_stream<16>(st + PSC * ST_V + pl.vw, s.vp + (u64)(slot0 + (lane >> 1)) * VS::ROW + (lane & 1) * 16, pol);
         } else {
 #pragma unroll
             for (int r = 0; r < 4; ++r)
@@ -599,6 +625,10 @@ __device__ __forceinline__ void issue_tile(const SeqCtx& s, u32 pos0, u32 lane, 
             cp_stream<8>(st + PSC * (ST_V + 512 * (r >> 1)) + ((r & 1) ? pl.v ^ 64 : pl.v), row + g * 8, pol);
             continue;
         }
+        if constexpr (V_ROWS32) { // vslot32 of token 2c + (r & 1) + 8 (r >> 1): c + 4 (r & 1) + 8 (r >> 1)
+            cp_stream<4>(st + PSC * (ST_V + 128 * (r & 1) + 256 * (r >> 1)) + pl.v, row + g * 4, pol);
+            continue;
+        }
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const u32 dst = st + PSC * (ST_V + (r * NB + b) * VNCH * 32 * VCH) + pl.v;
@@ -640,6 +670,9 @@ __device__ __forceinline__ void read_tile(const u8* st, const PipeLane& pl, u32 
     } else if constexpr (V_ROWS64) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) read_chunks<8, 1>(st + PSC * (ST_V + 512 * (r >> 1)), (r & 1) ? pl.v ^ 64 : pl.v, t.v[r][0]);
+    } else if constexpr (V_ROWS32) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) read_chunks<4, 1>(st + PSC * (ST_V + 128 * (r & 1) + 256 * (r >> 1)), pl.v, t.v[r][0]);
     } else {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -675,7 +708,7 @@ __device__ __forceinline__ u32 k_pair(const u32 (&w)[KS::KWORDS], const u8* tab,
 template <int JP>
 __device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab, u32 lane4, u32& lo, u32& hi) {
     if constexpr (VS::PAIR) {
-        const u32 h = lds(tab, lut_off<V_P8, VS::FIELD, JP>(w, lane4));
+        const u32 h = lds(tab, lut_off<V_P8, VS::FIELD, JP, VS::VWORDS, V_N8>(w, lane4));
         lo = h;        // dim 2jp in the low half
         hi = h >> 16;  // dim 2jp+1 in the low half
     } else {
@@ -1510,7 +1543,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
     // Codebook tables (f16), lane-replicated.
     fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, cb_k, warp, lane);
-    if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8>(smem + TAB_V_OFF, cb_v, warp, lane);
+    if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8 || V_N8>(smem + TAB_V_OFF, cb_v, warp, lane);
     // Rotate the group's queries, a warp per head: qs = FWHT(D q) (unnormalized), amax = max |qs|
     // per head; amax[8 + h] = scale * q.mu, what the centered packed keys miss, added to the
     // packed scores only before a softcap (else the exact scores subtract it: exact_block).
