@@ -703,14 +703,16 @@ __device__ __forceinline__ u32 k_pair(const u32 (&w)[KS::KWORDS], const u8* tab,
     }
 }
 
-/// Values of PV-side dims (2jp, 2jp+1) of column g for one token: half2 (pair mode) or two f16 in
-/// the low halves of lo/hi (single mode).
+/// PRMT selector that takes dim 2jp+1 of two tokens' v_pair results into one half2: the high
+/// halves in pair mode, the low halves in single mode (dim 2jp: the low halves, 0x5410).
+constexpr u32 V_HI_SEL = VS::PAIR ? 0x7632 : 0x5410;
+
+/// Values of PV-side dims (2jp, 2jp+1) of column g for one token: the half2 in both lo and hi
+/// (pair mode) or two f16 in the low halves of lo / hi (single mode); see V_HI_SEL.
 template <int JP>
 __device__ __forceinline__ void v_pair(const u32 (&w)[VS::VWORDS], const u8* tab, u32 lane4, u32& lo, u32& hi) {
     if constexpr (VS::PAIR) {
-        const u32 h = lds(tab, lut_off<V_P8, VS::FIELD, JP, VS::VWORDS, V_N8>(w, lane4));
-        lo = h;        // dim 2jp in the low half
-        hi = h >> 16;  // dim 2jp+1 in the low half
+        lo = hi = lds(tab, lut_off<V_P8, VS::FIELD, JP, VS::VWORDS, V_N8>(w, lane4));
     } else {
         lo = lds(tab, lut_off<V_P8, 8, 2 * JP>(w, lane4));
         hi = lds(tab, lut_off<V_P8, 8, 2 * JP + 1>(w, lane4));
@@ -742,8 +744,8 @@ __device__ __forceinline__ void pv_pairs(float (&o)[NTB][2], u32 pa0, u32 pa1, c
         v_pair<JP>(v2, tab, lane4, lo[2], hi[2]);
         v_pair<JP>(v3, tab, lane4, lo[3], hi[3]);
         mma_rows8(o[2 * JP][0], o[2 * JP][1], pa0, pa1, __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(lo[2], lo[3], 0x5410));
-        mma_rows8(o[2 * JP + 1][0], o[2 * JP + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], 0x5410),
-                  __byte_perm(hi[2], hi[3], 0x5410));
+        mma_rows8(o[2 * JP + 1][0], o[2 * JP + 1][1], pa0, pa1, __byte_perm(hi[0], hi[1], V_HI_SEL),
+                  __byte_perm(hi[2], hi[3], V_HI_SEL));
         pv_pairs<JP + 1>(o, pa0, pa1, v0, v1, v2, v3, tab, lane4);
     }
 }
@@ -785,8 +787,8 @@ __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b
         v_pair<JP>(v1, tab, lane4, lo[1], hi[1]);
         v_pair<JP>(v2, tab, lane4, lo[2], hi[2]);
         v_pair<JP>(v3, tab, lane4, lo[3], hi[3]);
-        mma_full(o[JP], __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(hi[0], hi[1], 0x5410),
-                 __byte_perm(lo[2], lo[3], 0x5410), __byte_perm(hi[2], hi[3], 0x5410), b0, b1);
+        mma_full(o[JP], __byte_perm(lo[0], lo[1], 0x5410), __byte_perm(hi[0], hi[1], V_HI_SEL),
+                 __byte_perm(lo[2], lo[3], 0x5410), __byte_perm(hi[2], hi[3], V_HI_SEL), b0, b1);
         pv_pairs_t<JP + 1>(o, b0, b1, v0, v1, v2, v3, tab, lane4);
     }
 }
