@@ -15,7 +15,11 @@
 //                    With exact segments (p.exact = 1) the packed blocks are num_splits-1 per
 //                    (sequence, KV head) and grid z-slices past num_seqs hold exact_blocks exact
 //                    blocks, block e serving (sequence, KV head) pairs e, e + exact_blocks, ...
-//                    (exact_block), each writing its pair's slot num_splits-1.
+//                    (exact_block), each writing its pair's slot num_splits-1; with p.exact = 2
+//                    each pair's last packed split scores them first (slot num_splits-1); with
+//                    p.exact = 3 (dynamic shared memory tq_decode_smem_bytes_spread) every packed
+//                    split also scores a share of its pair's exact slots (exact_items,
+//                    exact_finish) and merges them with its warps' states: no extra slot.
 //                    With MERGE_LAST the last block of each (sequence, KV head) to finish
 //                    (an atomic counter per pair in p.counters) merges the pair's partials
 //                    itself (merge_pair) and tq_decode_merge is not launched.
@@ -24,7 +28,8 @@
 //
 // Work split inside a block: each warp takes 16-token tiles (tile, tile+WARPS, ...) through its own
 // cp.async pipeline in shared memory (STAGES stages, STAGES-1 tiles of loads in flight; the first
-// ones are issued before the prologue builds the tables and rotates the queries). Scores use
+// ones are issued before the prologue builds the tables and rotates the queries; the cache rows
+// and norms go through the L2 under the policy p.l2_evict_first picks). Scores use
 // tensor-core mma.m16n8k16 (f16 in, f32 accumulate), P' = p * g_v * pv_scale. Without TRANS:
 // S[head][token] = Q^[head][dim] * C[dim][token] with the GQA heads on the M rows (rows 8..15
 // zero), then O[head][dim] += P'[head][token] * C[token][dim]. With TRANS (transposed, no idle
@@ -32,7 +37,7 @@
 // P'^T moved into the B operand by movmatrix.trans, O^T[dim][head] += C^T[dim][token] *
 // P'^T[token][head] (16 head dims on the rows). Codebook lookups come from a lane-replicated table
 // in shared memory (entry e of lane l at word e*32 + l: conflict-free; with LUT256 byte fields
-// at byte e*256 + l*4, see K_P8): for bits <= 4 one lookup decodes a pair of indices (one 2*bits
+// at byte e*256 + l*4, see K_P8, and 2-bit V's nibble fields too, see V_N8): for bits <= 4 one lookup decodes a pair of indices (one 2*bits
 // field of the packed stream) into a half2; for 5/6/8 bits one lookup per index. Within an mma
 // the k/n index -> head-dim mapping is a fixed permutation chosen so that each thread reads whole
 // 16/8/4-byte chunks of a packed row (see kdim / vdim).

@@ -62,7 +62,8 @@ pub struct DecodeKernelInfo {
 }
 
 /// Where a launch scores the exact sinks and window of a cache that has them
-/// (`DecodeParams::exact`); their partial is one more slot of each (sequence, kv head).
+/// (`DecodeParams::exact`): in the packed splits, or as one more partial slot of each
+/// (sequence, kv head) written by extra blocks or by each pair's last packed split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExactPlacement {
     /// Each packed split of a pair also scores an even share of the pair's exact slots (their
@@ -75,8 +76,8 @@ pub enum ExactPlacement {
     Blocks,
     /// `blocks` extra blocks (at most one per pair), block `e` serving pairs `e`, `e + blocks`,
     /// ... one after another (for tuning and tests; measured on the H100 with `blocks` = the free
-    /// slots of the wave: 1.6-1.8x the plain time at batch 8 and 32 / 16384 tokens, each pair's
-    /// dependent round trips take ~12 µs under the wave's load).
+    /// slots of the wave: 1.6-1.8x the plain time at batch 8 and 32 / 16384 tokens, a pair takes
+    /// ~12 µs on an SM whose packed block keeps it busy).
     Shared { blocks: u32 },
     /// The last packed split of each pair scores them before its packed tiles and streams
     /// `credit` fewer tiles than the pair's other splits (the others take them over). Measured on
@@ -562,9 +563,9 @@ impl BatchCache {
             return Ok(());
         }
         let k = self.decode_kernel(gqa, dtype)?;
-        // The exact sinks and window take one more partial slot per (sequence, kv head), written
-        // by extra blocks (grid z-slices past the sequences, `packed` blocks per (z, kv head)) or
-        // by each pair's last packed split.
+        // The exact sinks and window: scored in the packed splits (exact = 3), or one more
+        // partial slot per (sequence, kv head) written by extra blocks (1: grid z-slices past the
+        // sequences, `packed` blocks per (z, kv head)) or by each pair's last packed split (2).
         let packed = self.splits_for(&k.info, cfg);
         let n_pairs = self.num_seqs * l.num_kv_heads;
         let (exact, exact_credit, exact_blocks) = if self.sinks + self.window == 0 {
