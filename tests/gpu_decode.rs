@@ -379,6 +379,9 @@ fn decode_of_all_empty_sequences_is_exact_zeros() {
 #[test]
 fn decode_params_mirror_has_the_kernels_size() {
     let Some(dev) = device() else { return };
+    // The spread exact slots' larger shared memory keeps the occupancy on the H100 (228 KB per
+    // SM); on smaller parts the launch falls back to exact blocks (smem_bytes_spread 0).
+    let hopper = dev.compute_capability().0 >= 9;
     let batch = batch_cache(dev, layout(2, 128, 64, 4, 4), 1).expect("batch cache");
     for (heads, dtype) in [(8, DType::Bf16), (2, DType::F32)] {
         let info = batch.decode_kernel_info(heads, dtype).expect("kernel");
@@ -389,7 +392,7 @@ fn decode_params_mirror_has_the_kernels_size() {
         assert_eq!(info.params_bytes, 232);
         assert!(info.smem_bytes > 48 * 1024, "{info:?}");
         assert!(
-            info.smem_bytes_spread > info.smem_bytes,
+            info.smem_bytes_spread > info.smem_bytes || (!hopper && info.smem_bytes_spread == 0),
             "spread exact slots unavailable: {info:?}"
         );
         assert!(info.blocks_per_sm >= 1, "{info:?}");
