@@ -343,6 +343,12 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+/// Logit softcap: c * tanh(s / c) for c = softcap > 0 (inv_cap = 1 / c), else s unchanged.
+__device__ __forceinline__ float soft_cap(float s, float softcap, float inv_cap) {
+    if (!(softcap > 0.0f)) return s;
+    const float e = ex2(2.0f * LOG2E * s * inv_cap);
+    return softcap * (1.0f - 2.0f / (e + 1.0f));
+}
 
 #if DTYPE == 0
 typedef float qtype;
@@ -1189,11 +1195,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
             float m_new = m_old;
 #pragma unroll
             for (int j = 0; j < EX_CHUNK; ++j) {
-                float v = scale * x[j];
-                if (softcap > 0.0f) {
-                    const float ez = ex2(2.0f * LOG2E * v * inv_cap);
-                    v = softcap * (1.0f - 2.0f / (ez + 1.0f));
-                }
+                float v = soft_cap(scale * x[j], softcap, inv_cap);
                 v = (v - qm) * LOG2E;
                 x[j] = v;
                 if (live[j]) m_new = fmaxf(m_new, v);
@@ -1323,11 +1325,7 @@ __device__ __noinline__ void exact_items(const DecodeParams& p, const u32* smem,
             for (int e = 0; e < EL; ++e) dot += qf[e] * kx[e];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            float v = scale * dot;
-            if (softcap > 0.0f) {
-                const float ez = ex2(2.0f * LOG2E * v * inv_cap);
-                v = softcap * (1.0f - 2.0f / (ez + 1.0f));
-            }
+            float v = soft_cap(scale * dot, softcap, inv_cap);
             v = (v - qm) * LOG2E;
             const float mn = fmaxf(m, v);
             const float corr = ex2(m - mn), pj = ex2(v - mn);
@@ -1673,11 +1671,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 float acc = 0.0f;
 #pragma unroll
                 for (int b = 0; b < NB; ++b) acc += sc[b][2 * r + h] * cur.kn[r][b];
-                float x = acc * kg * kqh[h] + qmh[h];
-                if (softcap > 0.0f) {
-                    const float e = ex2(2.0f * LOG2E * x * inv_cap);
-                    x = softcap * (1.0f - 2.0f / (e + 1.0f));
-                }
+                float x = soft_cap(acc * kg * kqh[h] + qmh[h], softcap, inv_cap);
                 x *= LOG2E;
                 const u32 pos = pos0 + g + 8 * r;
                 t[r][h] = pos >= s.begin && pos < s.end ? x : -__int_as_float(0x7f800000);
@@ -1788,11 +1782,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             float acc = 0.0f;
 #pragma unroll
             for (int b = 0; b < NB; ++b) acc += sc[n][b][j] * cur.kn[r][b];
-            float x = acc * kg * kq + qm;
-            if (softcap > 0.0f) {
-                const float e = ex2(2.0f * LOG2E * x * inv_cap);
-                x = softcap * (1.0f - 2.0f / (e + 1.0f));
-            }
+            float x = soft_cap(acc * kg * kq + qm, softcap, inv_cap);
             x *= LOG2E;
             const u32 pos = pos0 + 8 * n + 2 * c + j;
             t[r] = pos >= s.begin && pos < s.end ? x : -__int_as_float(0x7f800000);
