@@ -941,3 +941,29 @@ fn zero_sizes_in_bench_codec_are_an_error() {
         "--reps (0) must be at least 1",
     );
 }
+
+#[test]
+fn bad_tuning_values_in_bench_decode_are_errors_before_any_device_work() {
+    let dir = tempdir();
+    assert_error(
+        &tqkv(dir.path(), &["bench", "decode", "--splits", "0"]),
+        "invalid value '0' for '--splits <SPLITS>'",
+    );
+    for (bad, needle) in [
+        ("blocks:0", "\"0\" is not a block count >= 1"),
+        ("fold:x", "credit \"x\" is not a tile count"),
+        (
+            "pairs",
+            "expected \"spread\", \"blocks\", \"blocks:N\" or \"fold:CREDIT\"",
+        ),
+    ] {
+        assert_error(
+            &tqkv(dir.path(), &["bench", "decode", "--exact", bad]),
+            needle,
+        );
+    }
+    assert_error(
+        &tqkv(dir.path(), &["bench", "decode", "--l2", "last"]),
+        "invalid value 'last' for '--l2 <L2>'",
+    );
+}

@@ -826,6 +826,11 @@ fn the_l2_policy_of_the_stream_changes_no_output_bit() {
     let q = HostQ::new(DType::Bf16, seqs.len() * heads * 128, 41);
     let q_dev = DeviceBuffer::from_src(&s, q.src(0..q.len())).expect("upload q");
     let cfg = AttentionConfig::new(128);
+    let e = batch
+        .set_decode_splits(Some(0))
+        .expect_err("0 splits")
+        .to_string();
+    assert!(e.contains("splits must be at least 1"), "{e}");
     let mut outs = Vec::new();
     for policy in [Some(true), Some(false), None] {
         batch.set_l2_evict_first(policy);

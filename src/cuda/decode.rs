@@ -488,42 +488,38 @@ impl BatchCache {
     ) -> Result<u32> {
         let gqa = self.check_heads("decode attention", num_heads)?;
         let k = self.decode_kernel(gqa, dtype)?;
-        Ok(self.splits_for(&k.info, cfg))
+        Ok(self.splits_for(&k.info, self.visible_extent(cfg).0))
     }
 
-    /// Packed bytes a launch reads: rows and norms of every visible position.
-    fn stream_bytes(&self, cfg: &AttentionConfig) -> u64 {
-        self.visible(cfg).sum::<u64>() * self.layout().bytes_per_token() as u64
-    }
-
-    fn splits_for(&self, info: &DecodeKernelInfo, cfg: &AttentionConfig) -> u32 {
+    /// Packed splits per pair for sequences of at most `longest` visible positions.
+    fn splits_for(&self, info: &DecodeKernelInfo, longest: u64) -> u32 {
         if let Some(s) = self.decode.splits {
             return s;
         }
         let l = self.layout();
         let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
-        let tiles = self.longest_visible(cfg).div_ceil(TILE as u64).max(1);
+        let tiles = longest.div_ceil(TILE as u64).max(1);
         let slots = self.codec.device().sm_count() as u64 * info.blocks_per_sm as u64;
         num_splits(pairs, slots, tiles, info.variant.warps)
     }
 
-    /// Visible positions of each sequence (the last `capacity` of a ring, the last `cfg.window`).
-    fn visible(&self, cfg: &AttentionConfig) -> impl Iterator<Item = u64> + '_ {
+    /// The longest and the total of the sequences' visible positions (the last `capacity` of a
+    /// ring, the last `cfg.window`), in one pass.
+    fn visible_extent(&self, cfg: &AttentionConfig) -> (u64, u64) {
         let (cap, window) = (self.layout().capacity as u64, cfg.window as u64);
-        self.lens.iter().zip(&self.modes).map(move |(&len, &mode)| {
-            let mut n = len as u64;
-            if mode == CacheMode::Ring {
-                n = n.min(cap);
-            }
-            if window > 0 {
-                n = n.min(window);
-            }
-            n
-        })
-    }
-
-    fn longest_visible(&self, cfg: &AttentionConfig) -> u64 {
-        self.visible(cfg).max().unwrap_or(0)
+        self.lens
+            .iter()
+            .zip(&self.modes)
+            .fold((0, 0), |(longest, total), (&len, &mode)| {
+                let mut n = len as u64;
+                if mode == CacheMode::Ring {
+                    n = n.min(cap);
+                }
+                if window > 0 {
+                    n = n.min(window);
+                }
+                (longest.max(n), total + n)
+            })
     }
 
     /// Decode attention of one query per sequence: `q: [num_seqs, num_heads, head_dim]` (f32, f16
@@ -566,14 +562,15 @@ impl BatchCache {
         // The exact sinks and window: scored in the packed splits (exact = 3), or one more
         // partial slot per (sequence, kv head) written by extra blocks (1: grid z-slices past the
         // sequences, `packed` blocks per (z, kv head)) or by each pair's last packed split (2).
-        let packed = self.splits_for(&k.info, cfg);
+        let (longest, visible) = self.visible_extent(cfg);
+        let packed = self.splits_for(&k.info, longest);
         let n_pairs = self.num_seqs * l.num_kv_heads;
         let (exact, exact_credit, exact_blocks) = if self.sinks + self.window == 0 {
             (0, 0, 0)
         } else {
             // Spread where the packed wave is short (an exact block would outlast it), else
             // extra blocks (H100: bench/NOTES-decode.md).
-            let auto = if self.longest_visible(cfg) <= SPREAD_MAX_POSITIONS {
+            let auto = if longest <= SPREAD_MAX_POSITIONS {
                 ExactPlacement::Spread
             } else {
                 ExactPlacement::Blocks
@@ -662,7 +659,7 @@ impl BatchCache {
         // Evict-first streaming while the launch reads at most L2_EVICT_FIRST_L2S L2 sizes: it
         // keeps the L2's other lines (a flush by writes leaves dirty ones, whose write-back the
         // stream would otherwise pay); past that its cost outweighs this (bench/NOTES-decode.md).
-        let stream_bytes = self.stream_bytes(cfg);
+        let stream_bytes = visible * l.bytes_per_token() as u64;
         let l2_evict_first = u32::from(
             self.decode
                 .l2_evict_first
@@ -765,22 +762,14 @@ mod tests {
 
     #[test]
     fn exact_placements_parse_or_name_the_bad_value() {
-        assert_eq!(
-            ExactPlacement::parse("blocks").ok(),
-            Some(ExactPlacement::Blocks)
-        );
-        assert_eq!(
-            ExactPlacement::parse("fold:48").ok(),
-            Some(ExactPlacement::Folded { credit: 48 })
-        );
-        assert_eq!(
-            ExactPlacement::parse("spread").ok(),
-            Some(ExactPlacement::Spread)
-        );
-        assert_eq!(
-            ExactPlacement::parse("blocks:3").ok(),
-            Some(ExactPlacement::Shared { blocks: 3 })
-        );
+        for (text, want) in [
+            ("spread", ExactPlacement::Spread),
+            ("blocks", ExactPlacement::Blocks),
+            ("blocks:3", ExactPlacement::Shared { blocks: 3 }),
+            ("fold:48", ExactPlacement::Folded { credit: 48 }),
+        ] {
+            assert_eq!(ExactPlacement::parse(text).ok(), Some(want), "{text}");
+        }
         for bad in [
             "", "fold", "fold:-1", "fold:x", "block", "blocks:0", "blocks:x", "pairs",
         ] {

@@ -101,9 +101,11 @@ pub struct DecodeParams {
     pub sinks: u32,
     /// Exact recent-window slots.
     pub window_len: u32,
-    /// 0: no exact segments; else slot `num_splits - 1` of each (sequence, kv head) holds the
-    /// partial of its exact sinks and window, written by 1: an exact block (the grid's z-slices
-    /// past `num_seqs`), 2: the pair's last packed split, before its packed tiles.
+    /// 0: no exact segments; 1, 2: slot `num_splits - 1` of each (sequence, kv head) holds the
+    /// partial of its exact sinks and window, written by 1: exact blocks (the grid's z-slices
+    /// past `num_seqs`), 2: the pair's last packed split, before its packed tiles; 3: every
+    /// packed split scores a share of its pair's exact slots (no extra slot; launched with
+    /// `tq_decode_smem_bytes_spread` of shared memory).
     pub exact: u32,
     /// 1: the exact planes hold bf16, 0: f16.
     pub exact_bf16: u32,

@@ -80,8 +80,8 @@ struct DecodeArgs {
     /// sizes, the default), `first` or `normal`, for tuning.
     #[arg(long, value_enum, default_value_t = L2Policy::Auto)]
     l2: L2Policy,
-    /// Packed splits per (sequence, kv head) instead of the launch's choice, for tuning.
-    #[arg(long)]
+    /// Packed splits per (sequence, kv head) instead of the launch's choice (>= 1), for tuning.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     splits: Option<u32>,
 }
 
