@@ -515,17 +515,28 @@ fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
     }
 }
 
+/// A batch cache holding `seqs` (length, mode), sequence i filled with seed `seed + i`.
+fn uploaded_batch(
+    dev: &Arc<CudaDevice>,
+    l: CacheLayout,
+    seqs: &[(usize, CacheMode)],
+    seed: u64,
+) -> BatchCache {
+    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
+    for (i, &(len, mode)) in seqs.iter().enumerate() {
+        batch
+            .upload(i, &filled_cache(l, mode, len, seed + i as u64))
+            .expect("upload");
+    }
+    batch
+}
+
 #[test]
 fn last_block_merge_is_bit_identical_to_the_merge_launch_and_reusable_across_split_counts() {
     let Some(dev) = device() else { return };
     let l = layout(2, 128, 4096, 4, 4);
     let seqs = [(4000, CacheMode::Global), (1500, CacheMode::Global)];
-    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-    for (i, &(len, mode)) in seqs.iter().enumerate() {
-        batch
-            .upload(i, &filled_cache(l, mode, len, 300 + i as u64))
-            .expect("upload");
-    }
+    let mut batch = uploaded_batch(&dev, l, &seqs, 300);
     let heads = 8;
     let s = batch.codec().stream().clone();
     let q = HostQ::new(DType::F32, seqs.len() * heads * 128, 31);
@@ -815,12 +826,7 @@ fn the_l2_policy_of_the_stream_changes_no_output_bit() {
     let Some(dev) = device() else { return };
     let l = layout(2, 128, 3000, 4, 2);
     let seqs = [(3000, CacheMode::Global), (777, CacheMode::Global)];
-    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-    for (i, &(len, mode)) in seqs.iter().enumerate() {
-        batch
-            .upload(i, &filled_cache(l, mode, len, 500 + i as u64))
-            .expect("upload");
-    }
+    let mut batch = uploaded_batch(&dev, l, &seqs, 500);
     let heads = 8;
     let s = batch.codec().stream().clone();
     let q = HostQ::new(DType::Bf16, seqs.len() * heads * 128, 41);
