@@ -128,7 +128,8 @@ _NVRTC = None
 class TqDecode:
     """One compiled variant of the kernel (bits, head_dim, GQA, dtype)."""
 
-    def __init__(self, src, k_bits, v_bits, d, gqa, dtype, warps=4, stages=4, min_blocks=1, workdir="/tmp/tq_cubin"):
+    def __init__(self, src, k_bits, v_bits, d, gqa, dtype, warps=4, stages=4, min_blocks=1, workdir="/tmp/tq_cubin",
+                 extra=None):
         import cupy as cp
         global _NVRTC
         if _NVRTC is None:
@@ -136,7 +137,8 @@ class TqDecode:
         self.k_bits, self.v_bits, self.d, self.gqa, self.dtype, self.warps = k_bits, v_bits, d, gqa, dtype, warps
         self.stages, self.min_blocks = stages, min_blocks
         defs = dict(K_BITS=k_bits, V_BITS=v_bits, HEAD_DIM=d, GQA=gqa, DTYPE=DTYPES[dtype], WARPS=warps, STAGES=stages,
-                    MIN_BLOCKS=min_blocks)
+                    MIN_BLOCKS=min_blocks, **(extra or {}))
+        self.merge_last = bool(defs.get("MERGE_LAST", 0))
         opts = ["--std=c++17", "-arch=sm_90a", "--ptxas-options=-v"] + [f"-D{k}={v}" for k, v in defs.items()]
         cubin, log = _NVRTC.compile(src, opts)
         m = re.search(r"tq_decode_split.*?(\d+) bytes stack frame, (\d+) bytes spill stores.*?Used (\d+) registers", log, re.S)
@@ -189,7 +191,7 @@ class TqDecode:
         return splits
 
     def plan(self, q, cache, seq_lens, out, *, scale, softcap=0.0, window=0, ring=False,
-             ring_flags=None, splits=None, pv_scale=1.0, sf=1.0):
+             ring_flags=None, splits=None, pv_scale=1.0, sf=1.0, l2_evict_first=False):
         """Packs the parameters once; returns (launch both kernels on the current stream, splits)."""
         S, nkv, cap = cache["kp"].shape[:3]
         if splits is None:
@@ -200,6 +202,8 @@ class TqDecode:
         n_part = S * nkv * splits * self.gqa
         ws = self.workspace(n_part * (self.d + 2))
         part_o, part_ml = ws[: n_part * self.d], ws[n_part * self.d:]
+        # MERGE_LAST: one counter per pair, zero between launches (the last block resets it).
+        counters = torch.zeros(S * nkv, dtype=torch.int32, device="cuda")
         p = struct.pack(
             PARAMS_FMT,
             q.data_ptr(), out.data_ptr(), cache["kp"].data_ptr(), cache["kn"].data_ptr(),
@@ -208,18 +212,21 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            counters.data_ptr(), 0, 0, 1 if l2_evict_first else 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))
         drv = self.cp.cuda.driver
         f1, f2, smem, w = self.split_fn.kernel.ptr, self.merge_fn.kernel.ptr, self.smem, 32 * self.warps
-        keep = (buf, argv, part_o, part_ml)
+        keep = (buf, argv, part_o, part_ml, counters)
+        merge_last = self.merge_last
 
         def run():
             stream = torch.cuda.current_stream().cuda_stream
             drv.launchKernel(f1, splits, nkv, S, w, 1, 1, smem, stream, ctypes.addressof(keep[1]), 0)
-            drv.launchKernel(f2, nkv * self.gqa, S, 1, self.d, 1, 1, 0, stream, ctypes.addressof(keep[1]), 0)
+            if not merge_last:
+                drv.launchKernel(f2, nkv * self.gqa, S, 1, self.d, 1, 1, 0, stream, ctypes.addressof(keep[1]), 0)
 
         return run, splits
 

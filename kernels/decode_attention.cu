@@ -88,6 +88,9 @@
 #ifndef VROWS
 #define VROWS 0
 #endif
+#ifndef TIMELINE
+#define TIMELINE 0
+#endif
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -290,6 +293,12 @@ constexpr bool V_ROWS64 = VROWS && ASYNC && NB == 1 && VCH == 8 && VNCH == 1 && 
 constexpr bool V_ROWS32 = VROWS && ASYNC && NB == 1 && VCH == 4 && VNCH == 1 && VS::ROW == 8 * VCH;
 __device__ __forceinline__ u32 vslot32(u32 t) { return ((t >> 1) & 3) | ((t & 1) << 2) | (t & 8); }
 __device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
+// The block merge's warp states: f32 [WARPS * GQA rows][D], row r = warp * GQA + head. Head dim d
+// sits at word smo_at(r, d): within its row, d with bits 1..3 XORed by (d / 32 % 4, r / 2 % 2),
+// a permutation of each aligned 32 dims, so the mma-layout writes (lanes over 16-dim groups and
+// head pairs: 16-way conflicts in plain rows) hit distinct banks and reads of 32 consecutive
+// dims stay conflict-free.
+__device__ __forceinline__ u32 smo_at(u32 r, u32 d) { return r * D + (d ^ ((((d >> 5) & 3) | (((r >> 1) & 1) << 2)) << 1)); }
 
 // Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
 // original domain), scale * q.mu per head, the slice and the sequence's bounds, mu, the signs, the
@@ -316,6 +325,37 @@ extern "C" __constant__ u32 tq_decode_smem_bytes = SMEM_WORDS * 4;
 extern "C" __constant__ u32 tq_decode_smem_bytes_spread = SPREAD_WORDS * 4;
 /// sizeof(DecodeParams), for the host to check its mirror.
 extern "C" __constant__ u32 tq_decode_params_bytes = sizeof(DecodeParams);
+
+// ---------------------------------------------------------------- timeline (diagnostics)
+
+// TIMELINE=1 (bench/decode_timeline.py only; the library never sets it): thread 0 of each packed
+// block stores %globaltimer (ns) at TL_MARKS points into tq_timeline[block][mark] (block =
+// (z * gridDim.y + y) * gridDim.x + x, first TL_BLOCKS blocks): 0 entry, 1 length loaded,
+// 2 prologue done, 3 warp 0's first tile landed, 4 warp 0's loop done, 5 every warp's loop done,
+// 6 partial stored, 7 split counted, 8 pair merged (last block only), 9 the SM id, 10 tables
+// filled, 11 queries and signs landed. Mark 3 only with TIMELINE=2 (it costs the token loop
+// spills).
+#if TIMELINE
+constexpr u32 TL_MARKS = 12, TL_BLOCKS = 16384;
+extern "C" __device__ u64 tq_timeline[TL_BLOCKS * TL_MARKS];     // %globaltimer, ns
+extern "C" __device__ u64 tq_timeline_clk[TL_BLOCKS * TL_MARKS]; // %clock64 of the block's SM
+extern "C" __device__ u32 tq_timeline_sink;
+/// Stamps mark k once `dep` is available (the compare consumes it before the timers are read).
+__device__ __forceinline__ void tl_mark(u32 k, u32 dep = 0) {
+    if (dep == 0x9e3779b9u) tq_timeline_sink = dep;
+    u64 t, c;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(c)::"memory");
+    const u64 b = ((u64)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0 && b < TL_BLOCKS) {
+        tq_timeline[b * TL_MARKS + k] = t;
+        tq_timeline_clk[b * TL_MARKS + k] = c;
+    }
+}
+#define TL(...) tl_mark(__VA_ARGS__)
+#else
+#define TL(...) ((void)0)
+#endif
 
 // ---------------------------------------------------------------- small device helpers
 
@@ -873,7 +913,7 @@ __device__ __forceinline__ void fwht_warp(float (&v)[EL], u32 lane) {
 
 __device__ __forceinline__ float ld_cg(const float* p) {
     float v;
-    asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -1003,8 +1043,10 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, u32 seq, u3
         *is_last = last;
     }
     __syncthreads();
+    TL(7);
     if (!*is_last) return;
     merge_pair(p, seq, kvh, (float*)smem);
+    TL(8);
 #endif
 }
 
@@ -1430,6 +1472,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
     const u32 split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#if TIMELINE
+    TL(0);
+    {
+        u32 sm_id;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_id));
+        const u64 b = ((u64)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        if (tid == 0 && b < TL_BLOCKS) tq_timeline[b * TL_MARKS + 9] = sm_id;
+    }
+#endif
     const u32 g = lane >> 2, c = lane & 3, lane4 = lane * 4;
     const u64 pair_idx = (u64)seq * p.num_kv_heads + kvh;
 
@@ -1493,6 +1544,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const u32 per = (ntiles + credit + packed_splits - 1) / packed_splits;
     const u32 t_begin = split * per < ntiles ? split * per : ntiles;
     const u32 t_end = t_begin + per < ntiles ? t_begin + per : ntiles;
+    TL(1, len);
 
     const u64 part_base = (pair_idx * p.num_splits + split) * GQA;
     float* part_o = (float*)p.part_o + part_base * D;
@@ -1549,6 +1601,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     // Codebook tables (f16), lane-replicated.
     fill_table<K_BITS, K_P8>(smem + TAB_K_OFF, cb_k, warp, lane);
     if constexpr (!SHARED_TAB) fill_table<V_BITS, V_P8 || V_N8>(smem + TAB_V_OFF, cb_v, warp, lane);
+    TL(10);
     // Rotate the group's queries, a warp per head: qs = FWHT(D q) (unnormalized), amax = max |qs|
     // per head; amax[8 + h] = scale * q.mu, what the centered packed keys miss, added to the
     // packed scores only before a softcap (else the exact scores subtract it: exact_block).
@@ -1557,6 +1610,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     {
         cp_async_wait<STAGES - 1>(); // the staging group (older than the STAGES - 1 tiles')
         __syncthreads();
+        TL(11);
         const qtype* qr = (const qtype*)(smem + QRAW_OFF);
         const float* sg = (const float*)(smem + SG_OFF);
         // q.mu: added to the packed scores before a softcap; with spread exact slots and no
@@ -1599,6 +1653,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
         __syncthreads(); // tables, qs and amax
     }
+    TL(2);
     // The first chunk of this split's exact slots, each warp its items, while its first tile loads.
     if (has_ex) exact_items(p, smem, ex0, ex1 - ex0 < (u32)EXC ? ex1 - ex0 : (u32)EXC, true);
     // Score-side A fragments: row g = query head, k slots (2c, 2c+1 | 2c+8, 2c+9) of chunk kb in
@@ -1649,6 +1704,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
         __syncwarp();
+        if (TIMELINE >= 2 && i == 0) TL(3); // (spills: TIMELINE=2 only)
         Tile cur;
         read_tile(pipe_g + PSC * (i % STAGES) * STAGE_BYTES, pl, g, c, cur);
         const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
@@ -1712,6 +1768,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
     }
     cp_async_wait<0>();
+    TL(4);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 4);
@@ -1721,7 +1778,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 
     // Merge the warps' states in shared memory (the tables are dead now).
     __syncthreads();
-    float* sm_o = (float*)smem;                 // [WARPS][GQA][D]
+    TL(5);
+    float* sm_o = (float*)smem;                 // [WARPS][GQA][D], words at smo_at
     float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
     float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
 #pragma unroll
@@ -1732,13 +1790,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 sm_m[warp * 8 + hd] = m_run[h];
                 sm_l[warp * 8 + hd] = l_run[h];
             }
-            float* row = sm_o + (warp * GQA + hd) * D;
+            const u32 r = warp * GQA + hd;
 #pragma unroll
             for (int b = 0; b < NB; ++b)
 #pragma unroll
                 for (int j = 0; j < NTB / 2; ++j) {
-                    row[vdim(b, g, 2 * j)] = o[b][j][h];
-                    row[vdim(b, g, 2 * j + 1)] = o[b][j][2 + h];
+                    sm_o[smo_at(r, vdim(b, g, 2 * j))] = o[b][j][h];
+                    sm_o[smo_at(r, vdim(b, g, 2 * j + 1))] = o[b][j][2 + h];
                 }
         }
     }
@@ -1820,7 +1878,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 
     // Merge the warps' states in shared memory (the tables are dead now).
     __syncthreads();
-    float* sm_o = (float*)smem;                 // [WARPS][GQA][D]
+    float* sm_o = (float*)smem;                 // [WARPS][GQA][D], words at smo_at
     float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
     float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
     if (g < GQA) {
@@ -1828,13 +1886,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             sm_m[warp * 8 + g] = m_run;
             sm_l[warp * 8 + g] = l_run;
         }
-        float* row = sm_o + (warp * GQA + g) * D;
+        const u32 r = warp * GQA + g;
 #pragma unroll
         for (int b = 0; b < NB; ++b)
 #pragma unroll
             for (int j = 0; j < NTB; ++j) {
-                row[vdim(b, 2 * c, j)] = o[b][j][0];
-                row[vdim(b, 2 * c + 1, j)] = o[b][j][1];
+                sm_o[smo_at(r, vdim(b, 2 * c, j))] = o[b][j][0];
+                sm_o[smo_at(r, vdim(b, 2 * c + 1, j))] = o[b][j][1];
             }
     }
 #endif
@@ -1856,7 +1914,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         for (int w = 0; w < WARPS; ++w) {
             const float mw = sm_m[w * 8 + h];
             const float f = mw == -__int_as_float(0x7f800000) ? 0.0f : ex2(mw - mx);
-            acc += f * sm_o[(w * GQA) * D + i];
+            acc += f * sm_o[smo_at(w * GQA + h, i % D)];
             l += f * sm_l[w * 8 + h];
         }
         if (has_ex_end) {
@@ -1871,6 +1929,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             part_ml[2 * h + 1] = l;
         }
     }
+    TL(6);
     merge_if_last(p, seq, kvh, smem);
 }
 

@@ -706,6 +706,11 @@ fn every_decode_kernel_variant_compiles_with_nvrtc_and_fits_shared_memory() {
         [3, 3, 128, 4, 0, 8, 2, 2],
         [3, 2, 64, 4, 0, 8, 2, 2],
         [2, 2, 128, 4, 0, 8, 2, 2],
+        // one 16-warp block per SM (the default for small batches)
+        [4, 4, 128, 4, 2, 16, 2, 1],
+        [4, 4, 64, 8, 0, 16, 2, 1],
+        [4, 2, 128, 4, 2, 16, 2, 1],
+        [3, 3, 128, 1, 1, 16, 2, 1],
     ];
     // Each with the byte-field tables (LUT256) and transposed products (TRANS) off and on; 4/4 and
     // 8/8 also with one of them. The last-block merge (MERGE_LAST) and the row-order V stage

@@ -68,11 +68,12 @@ pub struct DecodeKernelInfo {
 pub enum ExactPlacement {
     /// Each packed split of a pair also scores an even share of the pair's exact slots (their
     /// rows staged at its start, scored before its tiles) and merges them with its warps'
-    /// states: no extra block or partial. The default up to 4096 visible positions.
+    /// states: no extra block or partial. The default up to 4096 visible positions, and past that
+    /// for one-block-per-SM variants whose wave leaves fewer free slots than pairs.
     Spread,
     /// One more block per (sequence, kv head), dispatched after the packed blocks (grid z-slices
     /// past the sequences): they fill the block slots the packed wave leaves free. The default
-    /// past 4096 visible positions.
+    /// past 4096 visible positions (with one block per SM: where each pair's gets a free slot).
     Blocks,
     /// `blocks` extra blocks (at most one per pair), block `e` serving pairs `e`, `e + blocks`,
     /// ... one after another (for tuning and tests; measured on the H100 with `blocks` = the free
@@ -184,11 +185,11 @@ impl std::fmt::Display for DecodeVariant {
     }
 }
 
-/// Kernel instances (by gqa and dtype; bits and head_dim are the cache's) and the f32 workspace
-/// of the split states, grown on demand.
+/// Kernel instances (by gqa, dtype and variant; bits and head_dim are the cache's) and the f32
+/// workspace of the split states, grown on demand.
 #[derive(Debug, Default)]
 pub(super) struct DecodeState {
-    kernels: Mutex<HashMap<(usize, i64), DecodeKernel>>,
+    kernels: Mutex<HashMap<(usize, i64, DecodeVariant), DecodeKernel>>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
     /// u32 `[num_seqs, num_kv_heads]` counters of the last-block merge, zeroed once at
     /// allocation; every launch leaves them zero.
@@ -196,7 +197,7 @@ pub(super) struct DecodeState {
     /// A variant chosen by the caller ([`BatchCache::set_decode_variant`]), else the default.
     variant: Option<DecodeVariant>,
     /// A placement chosen by the caller ([`BatchCache::set_exact_placement`]), else spread up to
-    /// 4096 visible positions and extra blocks past that.
+    /// 4096 visible positions, extra blocks past that (see [`ExactPlacement`]).
     exact_placement: Option<ExactPlacement>,
     /// Evict-first streaming chosen by the caller ([`BatchCache::set_l2_evict_first`]), else by
     /// the launch's size.
@@ -213,16 +214,22 @@ fn dtype_code(d: DType) -> i64 {
     }
 }
 
-/// The default variant: the best measured on the H100 at head_dim 128 (bench/NOTES-decode.md,
-/// v4/v5): transposed products, the last-block merge and row-order V stages (where they apply)
-/// everywhere; 8/8 with 4 warps, 2 stages, byte-field tables off (3 blocks per SM); other bits 8
-/// warps, 2 stages, 2 blocks per SM with byte-field tables. Head dims above 128 need more
-/// registers, so they ask for one block of 4 warps.
-fn variant(k_bits: u32, v_bits: u32, head_dim: usize) -> DecodeVariant {
+/// The default variant for `pairs` (sequence, kv head) pairs on `sms` multiprocessors: the best
+/// measured on the H100 at head_dim 128 (bench/NOTES-decode.md, v4-v8): transposed products, the
+/// last-block merge and row-order V stages (where they apply) everywhere; 8/8 with 4 warps, 2
+/// stages, byte-field tables off (MIN_BLOCKS 4); other bits 2 stages with byte-field tables, 8
+/// warps and 2 blocks per SM, or, where one 16-warp block per SM still gives every pair at least
+/// two splits in one wave (`2 * pairs <= sms`: batch 8 of 8 kv heads), 16 warps and one block
+/// (one block's tables, no second block competing for issue, half the partials to merge: 2-5%
+/// faster there, 2% slower at batch 32). Head dims above 128 need more registers, so they ask
+/// for one block of 4 warps.
+fn variant(k_bits: u32, v_bits: u32, head_dim: usize, pairs: u64, sms: u64) -> DecodeVariant {
     let (warps, min_blocks, lut256) = if head_dim > 128 {
         (4, 1, true)
     } else if k_bits == 8 && v_bits == 8 {
         (4, 4, false)
+    } else if 2 * pairs <= sms {
+        (16, 1, true)
     } else {
         (8, 2, true)
     };
@@ -287,7 +294,8 @@ impl BatchCache {
     }
 
     /// Chooses where the exact sinks and window are scored (`None`: [`ExactPlacement::Spread`] up
-    /// to 4096 visible positions, [`ExactPlacement::Blocks`] past that);
+    /// to 4096 visible positions, [`ExactPlacement::Blocks`] past that where the wave leaves them
+    /// slots);
     /// for tuning and tests. Takes effect at the next launch.
     pub fn set_exact_placement(&mut self, placement: Option<ExactPlacement>) {
         self.decode.exact_placement = placement;
@@ -313,19 +321,20 @@ impl BatchCache {
     /// The decode kernels for `gqa` query heads per kv head and queries/outputs of `dtype`,
     /// compiled and loaded on first use.
     fn decode_kernel(&self, gqa: usize, dtype: DType) -> Result<DecodeKernel> {
+        let l = *self.layout();
+        let v = self.decode.variant.unwrap_or_else(|| {
+            let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
+            let sms = self.codec.device().sm_count() as u64;
+            variant(l.k_bits, l.v_bits, l.head_dim, pairs, sms)
+        });
         let mut kernels = self
             .decode
             .kernels
             .lock()
             .map_err(|_| TqError::Cuda("decode attention: lock poisoned".into()))?;
-        if let Some(k) = kernels.get(&(gqa, dtype_code(dtype))) {
+        if let Some(k) = kernels.get(&(gqa, dtype_code(dtype), v)) {
             return Ok(k.clone());
         }
-        let l = *self.layout();
-        let v = self
-            .decode
-            .variant
-            .unwrap_or_else(|| variant(l.k_bits, l.v_bits, l.head_dim));
         let key = KernelKey {
             family: Family::Decode,
             defines: vec![
@@ -438,7 +447,7 @@ impl BatchCache {
                 variant: v,
             },
         };
-        kernels.insert((gqa, dtype_code(dtype)), k.clone());
+        kernels.insert((gqa, dtype_code(dtype), v), k.clone());
         Ok(k)
     }
 
@@ -570,7 +579,12 @@ impl BatchCache {
         } else {
             // Spread where the packed wave is short (an exact block would outlast it), else
             // extra blocks (H100: bench/NOTES-decode.md).
-            let auto = if longest <= SPREAD_MAX_POSITIONS {
+            // With one block per SM, extra blocks only where the wave leaves them free slots.
+            let slots = self.codec.device().sm_count() as usize * k.info.blocks_per_sm as usize;
+            let free = slots.saturating_sub(packed as usize * n_pairs);
+            let auto = if longest <= SPREAD_MAX_POSITIONS
+                || (k.info.blocks_per_sm == 1 && n_pairs > free)
+            {
                 ExactPlacement::Spread
             } else {
                 ExactPlacement::Blocks
@@ -790,12 +804,24 @@ mod tests {
     #[test]
     fn variants_are_the_measured_best_at_head_dim_128() {
         let sm = |v: DecodeVariant| (v.warps, v.stages, v.min_blocks, v.lut256, v.trans);
-        assert_eq!(sm(variant(8, 8, 128)), (4, 2, 4, false, true));
-        assert_eq!(sm(variant(4, 4, 128)), (8, 2, 2, true, true));
-        assert_eq!(sm(variant(4, 2, 64)), (8, 2, 2, true, true));
-        assert_eq!(sm(variant(4, 4, 256)), (4, 2, 1, true, true));
-        for (kb, vb, d) in [(8, 8, 128), (4, 4, 128), (4, 2, 64), (4, 4, 256)] {
-            let v = variant(kb, vb, d);
+        // batch 32 of 8 kv heads on 132 SMs
+        assert_eq!(sm(variant(8, 8, 128, 256, 132)), (4, 2, 4, false, true));
+        assert_eq!(sm(variant(4, 4, 128, 256, 132)), (8, 2, 2, true, true));
+        assert_eq!(sm(variant(4, 2, 64, 256, 132)), (8, 2, 2, true, true));
+        assert_eq!(sm(variant(4, 4, 256, 256, 132)), (4, 2, 1, true, true));
+        // batch 8 and 1: one 16-warp block per SM still gives every pair two splits
+        assert_eq!(sm(variant(4, 4, 128, 64, 132)), (16, 2, 1, true, true));
+        assert_eq!(sm(variant(4, 2, 128, 8, 132)), (16, 2, 1, true, true));
+        assert_eq!(sm(variant(4, 4, 128, 67, 132)), (8, 2, 2, true, true));
+        assert_eq!(sm(variant(8, 8, 128, 64, 132)), (4, 2, 4, false, true));
+        assert_eq!(sm(variant(4, 4, 256, 64, 132)), (4, 2, 1, true, true));
+        for (kb, vb, d, pairs) in [
+            (8, 8, 128, 256),
+            (4, 4, 128, 256),
+            (4, 2, 64, 8),
+            (4, 4, 256, 8),
+        ] {
+            let v = variant(kb, vb, d, pairs, 132);
             assert!(v.merge_last && v.vrows, "{kb}/{vb} d={d}");
         }
     }

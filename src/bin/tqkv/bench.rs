@@ -73,7 +73,7 @@ struct DecodeArgs {
     /// Where the presets' exact sinks and window are scored: `spread` (a share in each packed
     /// split), `blocks` (an extra block per pair), `blocks:N` (N extra blocks shared by the
     /// pairs) or `fold:CREDIT` (each pair's last packed split, CREDIT tiles fewer), for tuning;
-    /// default: spread up to 4096 tokens, blocks past that.
+    /// default: spread up to 4096 tokens, blocks past that where the wave leaves them slots.
     #[arg(long, value_parser = parse_exact)]
     exact: Option<ExactPlacement>,
     /// L2 policy of the streamed cache: `auto` (evict-first while a call reads at most 4 L2
