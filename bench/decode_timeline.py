@@ -20,8 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import decode_vs_torch as dv  # noqa: E402
 
-MARKS = ["entry", "len", "prologue", "tile0", "warp0 end", "loop end", "partial", "counted", "merged", "sm", "tables", "staged"]
-ORDER = [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8]
+MARKS = ["entry", "len", "prologue", "tile0", "warp0 end", "loop end", "partial", "counted", "merged", "sm", "tables",
+         "staged", "states in", "combine", "merge max", "merge rows"]
+ORDER = [0, 1, 10, 11, 2, 3, 4, 5, 12, 13, 6, 7, 14, 15, 8]
 NM = len(MARKS)
 
 

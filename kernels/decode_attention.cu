@@ -265,7 +265,8 @@ constexpr int QRAW_OFF = QS_OFF + GQA * QS_STRIDE + 16; // words
 constexpr int SG_OFF = QRAW_OFF + QRAW_BYTES / 4;
 static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging");
 constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
-constexpr int MERGE_WORDS = WARPS * GQA * D + 2 * WARPS * 8;    // aliases everything after the loop
+constexpr int SMO_RS_ = (D + 2 * (D / 32) + 11) / 16 * 16 + 4; // = SMO_RS (defined below)
+constexpr int MERGE_WORDS = WARPS * GQA * SMO_RS_ + 2 * WARPS * 8; // aliases everything after the loop
 /// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
 /// per-warp running max, sum and scale * q.mu [WARPS][8] each.
 constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 3 * WARPS * 8;
@@ -293,12 +294,15 @@ constexpr bool V_ROWS64 = VROWS && ASYNC && NB == 1 && VCH == 8 && VNCH == 1 && 
 constexpr bool V_ROWS32 = VROWS && ASYNC && NB == 1 && VCH == 4 && VNCH == 1 && VS::ROW == 8 * VCH;
 __device__ __forceinline__ u32 vslot32(u32 t) { return ((t >> 1) & 3) | ((t & 1) << 2) | (t & 8); }
 __device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
-// The block merge's warp states: f32 [WARPS * GQA rows][D], row r = warp * GQA + head. Head dim d
-// sits at word smo_at(r, d): within its row, d with bits 1..3 XORed by (d / 32 % 4, r / 2 % 2),
-// a permutation of each aligned 32 dims, so the mma-layout writes (lanes over 16-dim groups and
-// head pairs: 16-way conflicts in plain rows) hit distinct banks and reads of 32 consecutive
-// dims stay conflict-free.
-__device__ __forceinline__ u32 smo_at(u32 r, u32 d) { return r * D + (d ^ ((((d >> 5) & 3) | (((r >> 1) & 1) << 2)) << 1)); }
+// The block merge's warp states: f32 rows r = warp * GQA + head of SMO_RS words, head dim d at word
+// smo_at(r, d) = r * SMO_RS + d + 2 * (d / 32). With SMO_RS = 4 mod 16 the mma-layout writes
+// (lanes over 16-dim chunks g and head pairs c: 8-way conflicts in plain rows) hit distinct
+// banks, reads of 32 consecutive dims stay conflict-free, and a chunk's words are contiguous (one
+// base address, immediate offsets: the once-run code stays short, and its cold instruction
+// fetch is what the merge costs).
+constexpr int SMO_RS = (D + 2 * (D / 32) + 11) / 16 * 16 + 4;
+__device__ __forceinline__ u32 smo_at(u32 r, u32 d) { return r * SMO_RS + d + 2 * (d >> 5); }
+static_assert(SMO_RS == SMO_RS_ && (V_ILV || NTB <= 32), "a V chunk's dims share d / 32");
 
 // Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
 // original domain), scale * q.mu per head, the slice and the sequence's bounds, mu, the signs, the
@@ -333,10 +337,11 @@ extern "C" __constant__ u32 tq_decode_params_bytes = sizeof(DecodeParams);
 // (z * gridDim.y + y) * gridDim.x + x, first TL_BLOCKS blocks): 0 entry, 1 length loaded,
 // 2 prologue done, 3 warp 0's first tile landed, 4 warp 0's loop done, 5 every warp's loop done,
 // 6 partial stored, 7 split counted, 8 pair merged (last block only), 9 the SM id, 10 tables
-// filled, 11 queries and signs landed. Mark 3 only with TIMELINE=2 (it costs the token loop
-// spills).
+// filled, 11 queries and signs landed, 12 warp states in shared memory, 13 about to combine them,
+// 14 merge_pair's maxima, 15 merge_pair's combined rows. Mark 3 only with TIMELINE=2 (it costs
+// the token loop spills).
 #if TIMELINE
-constexpr u32 TL_MARKS = 12, TL_BLOCKS = 16384;
+constexpr u32 TL_MARKS = 16, TL_BLOCKS = 16384;
 extern "C" __device__ u64 tq_timeline[TL_BLOCKS * TL_MARKS];     // %globaltimer, ns
 extern "C" __device__ u64 tq_timeline_clk[TL_BLOCKS * TL_MARKS]; // %clock64 of the block's SM
 extern "C" __device__ u32 tq_timeline_sink;
@@ -873,6 +878,7 @@ __device__ __forceinline__ void fill_table(u32* tab, const CbRegs<BITS>& cb, u32
     typedef Side<BITS> S;
     if constexpr (S::PAIR) {
         const float x = cb.x[0];
+#pragma unroll 8 // independent shuffles in flight: the fill was a serial chain of them
         for (u32 e = warp; e < (u32)S::ENTRIES; e += WARPS) {
             const float lo = __shfl_sync(0xffffffffu, x, e & ((1u << BITS) - 1));
             const float hi = __shfl_sync(0xffffffffu, x, e >> BITS);
@@ -941,6 +947,7 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
         if (lane == 0) mx_h[h] = m;
     }
     __syncthreads();
+    TL(14);
     if constexpr (THREADS >= 256) {
         // Blocks of 8 or more warps: one element at a time.
         for (u32 i = tid; i < GQA * D; i += THREADS) {
@@ -1008,6 +1015,7 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
         }
     }
     __syncthreads();
+    TL(15);
     // Un-rotate, a warp per head: o = D H x / sqrt(d).
     qtype* out = (qtype*)p.out + ((u64)seq * p.num_kv_heads + kvh) * GQA * D;
     for (u32 h = warp; h < GQA; h += WARPS) {
@@ -1696,6 +1704,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 #pragma unroll
     for (int h = 0; h < 2; ++h) qmh[h] = 2 * c + h < GQA ? amax[8 + 2 * c + h] : 0.0f;
 
+    float* sm_o = (float*)smem;                 // [WARPS][GQA] rows, words at smo_at (after the loop)
+    float* sm_m = sm_o + WARPS * GQA * SMO_RS;  // [WARPS][8]
+    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
 #pragma unroll 1
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
@@ -1779,9 +1790,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     // Merge the warps' states in shared memory (the tables are dead now).
     __syncthreads();
     TL(5);
-    float* sm_o = (float*)smem;                 // [WARPS][GQA][D], words at smo_at
-    float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
-    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const u32 hd = 2 * c + h;
@@ -1792,12 +1800,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             }
             const u32 r = warp * GQA + hd;
 #pragma unroll
-            for (int b = 0; b < NB; ++b)
+            for (int b = 0; b < NB; ++b) {
+                if constexpr (!V_ILV) {
+                    // dims vdim(b, g, 0) + 0 .. NTB: one chunk, contiguous words (pairs aligned)
+                    float* w = sm_o + smo_at(r, vdim(b, g, 0));
 #pragma unroll
-                for (int j = 0; j < NTB / 2; ++j) {
-                    sm_o[smo_at(r, vdim(b, g, 2 * j))] = o[b][j][h];
-                    sm_o[smo_at(r, vdim(b, g, 2 * j + 1))] = o[b][j][2 + h];
+                    for (int j = 0; j < NTB / 2; ++j) *(float2*)(w + 2 * j) = make_float2(o[b][j][h], o[b][j][2 + h]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < NTB / 2; ++j) {
+                        sm_o[smo_at(r, vdim(b, g, 2 * j))] = o[b][j][h];
+                        sm_o[smo_at(r, vdim(b, g, 2 * j + 1))] = o[b][j][2 + h];
+                    }
                 }
+            }
         }
     }
 #else
@@ -1878,8 +1894,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 
     // Merge the warps' states in shared memory (the tables are dead now).
     __syncthreads();
-    float* sm_o = (float*)smem;                 // [WARPS][GQA][D], words at smo_at
-    float* sm_m = sm_o + WARPS * GQA * D;       // [WARPS][8]
+    float* sm_o = (float*)smem;                 // [WARPS][GQA] rows, words at smo_at
+    float* sm_m = sm_o + WARPS * GQA * SMO_RS;  // [WARPS][8]
     float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
     if (g < GQA) {
         if (c == 0) {
@@ -1888,29 +1904,44 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         }
         const u32 r = warp * GQA + g;
 #pragma unroll
-        for (int b = 0; b < NB; ++b)
+        for (int b = 0; b < NB; ++b) {
+            if constexpr (!V_ILV) {
+                float* w0 = sm_o + smo_at(r, vdim(b, 2 * c, 0)); // chunks 2c, 2c + 1: contiguous words
+                float* w1 = sm_o + smo_at(r, vdim(b, 2 * c + 1, 0));
 #pragma unroll
-            for (int j = 0; j < NTB; ++j) {
-                sm_o[smo_at(r, vdim(b, 2 * c, j))] = o[b][j][0];
-                sm_o[smo_at(r, vdim(b, 2 * c + 1, j))] = o[b][j][1];
+                for (int j = 0; j < NTB; ++j) {
+                    w0[j] = o[b][j][0];
+                    w1[j] = o[b][j][1];
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < NTB; ++j) {
+                    sm_o[smo_at(r, vdim(b, 2 * c, j))] = o[b][j][0];
+                    sm_o[smo_at(r, vdim(b, 2 * c + 1, j))] = o[b][j][1];
+                }
             }
+        }
     }
 #endif
     __syncthreads();
+    TL(12);
     // The exact slots' remaining chunks and state (one more warp state at EXO_OFF); whether this
     // split has any is recomputed rather than held in registers through the token loop.
     u32 ex0_end, ex1_end;
     const bool has_ex_end = exact_share(p, blockIdx.x, gridDim.x, ex0_end, ex1_end);
     if (has_ex_end) exact_finish(p, (u64)blockIdx.z * p.num_kv_heads + blockIdx.y, smem);
     const float* ex_o = (const float*)(smem + EXO_OFF);
+    TL(13);
+    // Loops over the warps rolled by 4: this code runs once per block, and its cold instruction
+    // fetch (not its arithmetic) is what it costs (bench/NOTES-decode.md, v8).
     for (u32 i = tid; i < GQA * D; i += THREADS) {
         const u32 h = i / D;
         float mx = -__int_as_float(0x7f800000);
-#pragma unroll
+#pragma unroll 4
         for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * 8 + h]);
         if (has_ex_end) mx = fmaxf(mx, ex_o[GQA * D + h]);
         float acc = 0.0f, l = 0.0f;
-#pragma unroll
+#pragma unroll 4
         for (int w = 0; w < WARPS; ++w) {
             const float mw = sm_m[w * 8 + h];
             const float f = mw == -__int_as_float(0x7f800000) ? 0.0f : ex2(mw - mx);
