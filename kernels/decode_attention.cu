@@ -140,7 +140,8 @@ struct DecodeParams {
     u32 exact_credit; // exact = 2: tiles the last packed split gives up to the others for its exact work
     u32 exact_blocks; // exact = 1: exact blocks; block e serves pairs e, e + exact_blocks, ...
     u32 l2_evict_first; // 1: the packed rows and norms stream under the L2 evict-first policy
-    u32 pad0;
+    u32 direct_out;     // 1: one packed split per pair and no exact slot: the block normalizes,
+                        // un-rotates and writes the output itself (finish_single), no partial
 };
 
 // ---------------------------------------------------------------- compile-time geometry
@@ -271,7 +272,11 @@ constexpr int MERGE_WORDS = WARPS * GQA * SMO_RS_ + 2 * WARPS * 8; // aliases ev
 /// per-warp running max, sum and scale * q.mu [WARPS][8] each.
 constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 3 * WARPS * 8;
 
-constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > MERGE_WORDS ? PROLOGUE_WORDS : MERGE_WORDS;
+/// finish_single: the block's combined state past the warps' states: value sums [GQA][D], then
+/// max and sum [GQA][2] (one word before the end stays merge_if_last's flag).
+constexpr int CL_OFF = MERGE_WORDS;
+constexpr int CL_WORDS = GQA * D + 2 * GQA;
+constexpr int SMEM_WORDS0 = PROLOGUE_WORDS > CL_OFF + CL_WORDS + 1 ? PROLOGUE_WORDS : CL_OFF + CL_WORDS + 1;
 constexpr int SMEM_WORDS = SMEM_WORDS0 > EXACT_WORDS ? SMEM_WORDS0 : EXACT_WORDS;
 static_assert(SMEM_WORDS > GQA * D + GQA, "merge_pair's buffer and merge_if_last's flag");
 // V stage in row order (VROWS, one-byte indices at HEAD_DIM 128: 128-byte rows of eight 16-byte
@@ -1028,6 +1033,26 @@ __device__ void merge_pair(const DecodeParams& p, u32 seq, u32 kvh, float* sm) {
     }
 }
 
+/// p.direct_out (all threads of the pair's only packed block, after its combined state is in
+/// shared memory at CL_OFF): normalizes, un-rotates (a warp per head) and writes the output, in
+/// merge_pair's order (bit-identical): no partial, counter or reload through the L2.
+__device__ __noinline__ void finish_single(const DecodeParams& p, u32 seq, u32 kvh, u32* smem) {
+    __syncthreads();
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* st = (const float*)(smem + CL_OFF);
+    qtype* out = (qtype*)p.out + ((u64)seq * p.num_kv_heads + kvh) * GQA * D;
+    for (u32 h = warp; h < GQA; h += WARPS) {
+        const float m = st[GQA * D + 2 * h], l = m == -__int_as_float(0x7f800000) ? 0.0f : st[GQA * D + 2 * h + 1];
+        float v[EL];
+#pragma unroll
+        for (int e = 0; e < EL; ++e) v[e] = l > 0.0f ? st[h * D + lane * EL + e] / (l * p.pv_scale) : 0.0f;
+        fwht_warp(v, lane);
+#pragma unroll
+        for (int e = 0; e < EL; ++e)
+            store_o(out + h * D + lane * EL + e, v[e] * INV_SQRT_D * ((const float*)p.signs)[lane * EL + e]);
+    }
+}
+
 /// End of every tq_decode_split block (all threads, after the block's partial is written): with
 /// MERGE_LAST, the last block of its (sequence, KV head) to finish (a counter per pair, reset to 0
 /// by that block for the next launch) merges the pair's partials (merge_pair); without it,
@@ -1571,10 +1596,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     }
     if (t_begin >= t_end && !has_ex) {
         cp_async_wait<0>(); // the staging lands before merge_if_last reuses shared memory
-        for (u32 i = tid; i < GQA * D; i += THREADS) part_o[i] = 0.0f;
+        float* dst_o = p.direct_out ? (float*)(smem + CL_OFF) : part_o;
+        float* dst_ml = p.direct_out ? (float*)(smem + CL_OFF) + GQA * D : part_ml;
+        for (u32 i = tid; i < GQA * D; i += THREADS) dst_o[i] = 0.0f;
         if (tid < GQA) {
-            part_ml[2 * tid] = -__int_as_float(0x7f800000);
-            part_ml[2 * tid + 1] = 0.0f;
+            dst_ml[2 * tid] = -__int_as_float(0x7f800000);
+            dst_ml[2 * tid + 1] = 0.0f;
+        }
+        if (p.direct_out) {
+            finish_single(p, seq, kvh, smem);
+            return;
         }
         merge_if_last(p, seq, kvh, smem);
         return;
@@ -1932,6 +1963,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     if (has_ex_end) exact_finish(p, (u64)blockIdx.z * p.num_kv_heads + blockIdx.y, smem);
     const float* ex_o = (const float*)(smem + EXO_OFF);
     TL(13);
+    // The block's combined state: a partial in global memory, or for a single split in this
+    // block's shared memory (finish_single).
+    float* dst_o = p.direct_out ? (float*)(smem + CL_OFF) : part_o;
+    float* dst_ml = p.direct_out ? (float*)(smem + CL_OFF) + GQA * D : part_ml;
     // Loops over the warps rolled by 4: this code runs once per block, and its cold instruction
     // fetch (not its arithmetic) is what it costs (bench/NOTES-decode.md, v8).
     for (u32 i = tid; i < GQA * D; i += THREADS) {
@@ -1954,13 +1989,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
             acc += f * ex_o[i];
             l += f * ex_o[GQA * D + 8 + h];
         }
-        part_o[i] = acc;
+        dst_o[i] = acc;
         if (i % D == 0) {
-            part_ml[2 * h] = mx;
-            part_ml[2 * h + 1] = l;
+            dst_ml[2 * h] = mx;
+            dst_ml[2 * h + 1] = l;
         }
     }
     TL(6);
+    if (p.direct_out) {
+        finish_single(p, seq, kvh, smem);
+        TL(8);
+        return;
+    }
     merge_if_last(p, seq, kvh, smem);
 }
 

@@ -577,6 +577,22 @@ fn last_block_merge_is_bit_identical_to_the_merge_launch_and_reusable_across_spl
         run(&batch, &windowed),
     );
     assert!(a1 == a2 && w1 == w2, "repeated calls differ");
+    // A single split writes the output itself: the same bits as through a partial and the merge;
+    // and more splits are close to it (other sums, other f16 roundings of the weights).
+    batch.set_decode_splits(Some(1)).expect("splits");
+    let (d_full, d_win) = (run(&batch, &full), run(&batch, &windowed));
+    batch.set_direct_output(false);
+    assert!(
+        run(&batch, &full) == d_full && run(&batch, &windowed) == d_win,
+        "one split: the direct output differs from the merge"
+    );
+    batch.set_direct_output(true);
+    let mut by_splits = vec![d_full];
+    for splits in [2, 5] {
+        batch.set_decode_splits(Some(splits)).expect("splits");
+        by_splits.push(run(&batch, &full));
+    }
+    batch.set_decode_splits(None).expect("splits");
     v.merge_last = false;
     batch.set_decode_variant(Some(v)).expect("variant");
     assert!(
@@ -584,6 +600,18 @@ fn last_block_merge_is_bit_identical_to_the_merge_launch_and_reusable_across_spl
         "full context: merge launch differs"
     );
     assert!(run(&batch, &windowed) == w1, "window: merge launch differs");
+    let a: Vec<f32> = a1.iter().map(|&b| f32::from_bits(b)).collect();
+    let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (c, splits) in by_splits.iter().zip([1, 2, 5]) {
+        let worst = a
+            .iter()
+            .zip(c.iter().map(|&b| f32::from_bits(b)))
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 2e-3 * scale,
+            "{splits} splits: max difference {worst}, output scale {scale}"
+        );
+    }
 }
 
 #[test]

@@ -120,7 +120,10 @@ pub struct DecodeParams {
     /// 1: the packed rows and norms stream under the L2 evict-first policy (the lines they would
     /// evict stay: fewer write-backs of dirty lines, more of L2 kept for the step's other kernels).
     pub l2_evict_first: u32,
-    pub pad0: u32,
+    /// 1: one packed split per pair and no exact slot: the block writes the output itself (no
+    /// partial, counter or merge); 0: the splits merge (the last block of a pair, or
+    /// `tq_decode_merge`).
+    pub direct_out: u32,
 }
 
 /// Parameters of `tq_append_stage` (`struct AppendParams` in kernels/quantize.cu). Pointers are
