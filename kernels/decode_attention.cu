@@ -22,7 +22,9 @@
 //                    exact_finish) and merges them with its warps' states: no extra slot.
 //                    With MERGE_LAST the last block of each (sequence, KV head) to finish
 //                    (an atomic counter per pair in p.counters) merges the pair's partials
-//                    itself (merge_pair) and tq_decode_merge is not launched.
+//                    itself (merge_pair) and tq_decode_merge is not launched; with
+//                    p.direct_out (one packed split, no exact slot) the block writes the
+//                    output itself (finish_single).
 //   tq_decode_merge  grid (num_kv_heads*GQA, num_seqs), block HEAD_DIM threads: log-sum-exp merge
 //                    of the splits, normalization, inverse rotation, output in DTYPE.
 //
@@ -98,7 +100,7 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 /// Kernel parameters, passed by value. Pointers are device addresses (u64); the Rust side mirrors
-/// this struct field by field (#[repr(C)], 224 bytes).
+/// this struct field by field (#[repr(C)], 232 bytes).
 struct DecodeParams {
     u64 q;          // [num_seqs][num_kv_heads*GQA][HEAD_DIM] DTYPE
     u64 out;        // same shape and dtype
