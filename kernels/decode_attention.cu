@@ -268,8 +268,9 @@ constexpr int QRAW_OFF = QS_OFF + GQA * QS_STRIDE + 16; // words
 constexpr int SG_OFF = QRAW_OFF + QRAW_BYTES / 4;
 static_assert(QRAW_OFF % 4 == 0 && QRAW_BYTES % 16 == 0, "16-byte query staging");
 constexpr int PROLOGUE_WORDS = SG_OFF + D; // qs, amax [8], qmu [8], raw queries, signs
-constexpr int SMO_RS_ = (D + 2 * (D / 32) + 11) / 16 * 16 + 4; // = SMO_RS (defined below)
-constexpr int MERGE_WORDS = WARPS * GQA * SMO_RS_ + 2 * WARPS * 8; // aliases everything after the loop
+/// Row stride (words) of the block merge's warp states (smo_at, below): >= D + 2 * (D / 32), = 4 mod 16.
+constexpr int SMO_RS = (D + 2 * (D / 32) + 11) / 16 * 16 + 4;
+constexpr int MERGE_WORDS = WARPS * GQA * SMO_RS + 2 * WARPS * 8; // aliases everything after the loop
 /// Shared-memory words of the exact block: queries [GQA][D], per-warp value sums [WARPS][GQA][D],
 /// per-warp running max, sum and scale * q.mu [WARPS][8] each.
 constexpr int EXACT_WORDS = GQA * D + WARPS * GQA * D + 3 * WARPS * 8;
@@ -307,9 +308,8 @@ __device__ __forceinline__ u32 vslot(u32 t) { return t ^ ((t >> 1) & 1); }
 // banks, reads of 32 consecutive dims stay conflict-free, and a chunk's words are contiguous (one
 // base address, immediate offsets: the once-run code stays short, and its cold instruction
 // fetch is what the merge costs).
-constexpr int SMO_RS = (D + 2 * (D / 32) + 11) / 16 * 16 + 4;
 __device__ __forceinline__ u32 smo_at(u32 r, u32 d) { return r * SMO_RS + d + 2 * (d >> 5); }
-static_assert(SMO_RS == SMO_RS_ && (V_ILV || NTB <= 32), "a V chunk's dims share d / 32");
+static_assert(V_ILV || NTB <= 32, "a V chunk's dims share d / 32");
 
 // Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
 // original domain), scale * q.mu per head, the slice and the sequence's bounds, mu, the signs, the
