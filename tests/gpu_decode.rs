@@ -290,13 +290,18 @@ fn decode_matches_cpu_attention_at_head_dims_64_256_512() {
 }
 
 #[test]
-fn decode_matches_cpu_attention_at_bits_8_8_4_2_3_3_and_3_2_and_2_2() {
+fn decode_matches_cpu_attention_at_bits_8_8_4_2_3_3_3_2_2_2_8_4_6_6_and_5_5() {
     run_cases(&[
         Case::new("bits 8/8", 2, 4, 128, (8, 8)),
         Case::new("bits 4/2", 2, 4, 128, (4, 2)),
         Case::new("bits 3/3", 2, 4, 128, (3, 3)),
         Case::new("bits 3/2 d64", 2, 4, 64, (3, 2)),
         Case::new("bits 2/2", 2, 4, 128, (2, 2)),
+        // the 16-warp default of small batches: 8/4 fits; 6/6 and 5/5 need more shared memory
+        // than the H100 grants a block and fall back to 8 warps
+        Case::new("bits 8/4", 2, 4, 128, (8, 4)),
+        Case::new("bits 6/6", 2, 4, 128, (6, 6)),
+        Case::new("bits 5/5", 2, 4, 128, (5, 5)),
     ]);
 }
 
@@ -739,6 +744,13 @@ fn every_decode_kernel_variant_compiles_with_nvrtc_and_fits_shared_memory() {
         [4, 4, 64, 8, 0, 16, 2, 1],
         [4, 2, 128, 4, 2, 16, 2, 1],
         [3, 3, 128, 1, 1, 16, 2, 1],
+        [8, 4, 128, 4, 2, 16, 2, 1],
+        [6, 4, 128, 4, 2, 16, 2, 1],
+        [6, 6, 64, 4, 0, 16, 2, 1],
+        [2, 2, 128, 4, 0, 16, 2, 1],
+        // (5 and 6 bits at head_dim 128 fall back to 8 warps: 16 would need 265-271 KB)
+        [6, 6, 128, 4, 2, 8, 2, 2],
+        [5, 5, 128, 8, 2, 8, 2, 2],
     ];
     // Each with the byte-field tables (LUT256) and transposed products (TRANS) off and on; 4/4 and
     // 8/8 also with one of them. The last-block merge (MERGE_LAST) and the row-order V stage

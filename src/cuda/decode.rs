@@ -224,8 +224,9 @@ fn dtype_code(d: DType) -> i64 {
 /// warps and 2 blocks per SM, or, where one 16-warp block per SM still gives every pair at least
 /// two splits in one wave (`2 * pairs <= sms`: batch 8 of 8 kv heads), 16 warps and one block
 /// (one block's tables, no second block competing for issue, half the partials to merge: 2-5%
-/// faster there, 2% slower at batch 32). Head dims above 128 need more registers, so they ask
-/// for one block of 4 warps.
+/// faster there, 2% slower at batch 32; where the device grants such a block too little shared
+/// memory, e.g. 5 and 6 bits at head_dim 128 on the H100, the launch falls back to 8 warps).
+/// Head dims above 128 need more registers, so they ask for one block of 4 warps.
 fn variant(k_bits: u32, v_bits: u32, head_dim: usize, pairs: u64, sms: u64) -> DecodeVariant {
     let (warps, min_blocks, lut256) = if head_dim > 128 {
         (4, 1, true)
@@ -332,11 +333,45 @@ impl BatchCache {
     /// compiled and loaded on first use.
     fn decode_kernel(&self, gqa: usize, dtype: DType) -> Result<DecodeKernel> {
         let l = *self.layout();
-        let v = self.decode.variant.unwrap_or_else(|| {
+        let Some(v) = self.decode.variant else {
             let pairs = self.num_seqs as u64 * l.num_kv_heads as u64;
             let sms = self.codec.device().sm_count() as u64;
-            variant(l.k_bits, l.v_bits, l.head_dim, pairs, sms)
-        });
+            let v = variant(l.k_bits, l.v_bits, l.head_dim, pairs, sms);
+            let k = self.decode_kernel_for(gqa, dtype, v);
+            if k.is_ok() || v.warps != 16 {
+                return k;
+            }
+            // The 16-warp default needs more shared memory than this device grants a block (5 and
+            // 6 bits at head_dim 128 on the H100: 265-271 KB): the 8-warp variant of two blocks
+            // per SM instead, remembered under the 16-warp key (no retry per call).
+            let k8 = self.decode_kernel_for(
+                gqa,
+                dtype,
+                DecodeVariant {
+                    warps: 8,
+                    min_blocks: 2,
+                    ..v
+                },
+            )?;
+            self.decode
+                .kernels
+                .lock()
+                .map_err(|_| TqError::Cuda("decode attention: lock poisoned".into()))?
+                .insert((gqa, dtype_code(dtype), v), k8.clone());
+            return Ok(k8);
+        };
+        self.decode_kernel_for(gqa, dtype, v)
+    }
+
+    /// The decode kernel of variant `v` for this cache's bits and head_dim (compiled and cached
+    /// on first use).
+    fn decode_kernel_for(
+        &self,
+        gqa: usize,
+        dtype: DType,
+        v: DecodeVariant,
+    ) -> Result<DecodeKernel> {
+        let l = *self.layout();
         let mut kernels = self
             .decode
             .kernels
