@@ -77,25 +77,14 @@ def main():
                 wl = torch.full((8,), 16, dtype=torch.int32, device="cuda")
                 wo = torch.empty_like(wq)
                 warm, _ = k.plan(wq, wc, wl, wo, scale=1.0 / math.sqrt(d), l2_evict_first=l2_first)
-            for _ in range(3):
-                run()
-            torch.cuda.synchronize()
-            ev, rows, clk_rows = [], [], []
-            for _ in range(args.reps):
-                if not args.no_flush:
-                    dv.flush_l2(flush)
-                if warm is not None:
-                    warm()
-                a = torch.cuda.Event(enable_timing=True)
-                b = torch.cuda.Event(enable_timing=True)
-                a.record()
-                run()
-                b.record()
-                b.synchronize()
-                ev.append(a.elapsed_time(b) * 1e3)
+            rows, clk_rows = [], []
+
+            def read_marks():
                 if tl is not None:
                     rows.append(cp.ndarray((nblk, NM), cp.uint64, tl).get().astype("int64"))
                     clk_rows.append(cp.ndarray((nblk, NM), cp.uint64, tlc).get().astype("int64"))
+
+            ev = dv.timed_calls(run, args.reps, None if args.no_flush else flush, before=warm, after=read_marks)
             print(f"  B{B} L{L}: splits={splits} blocks={nblk} l2_first={int(l2_first)} event {statistics.median(ev):.1f} us "
                   f"(min {min(ev):.1f}); streamed {nbytes / 1e6:.1f} MB")
             if tl is None:

@@ -417,13 +417,17 @@ def flush_l2(flush):
         flush.zero_()
 
 
-def time_cuda(fn, reps, flush):
-    import statistics
+def timed_calls(fn, reps, flush, before=None, after=None):
+    """µs of each of `reps` calls of fn between two CUDA events, after 3 untimed ones; before each
+    timed call the L2 flush (unless `flush` is None) and `before()`, after it `after()`."""
     for _ in range(3):
         fn()
     ts = []
     for _ in range(reps):
-        flush_l2(flush)
+        if flush is not None:
+            flush_l2(flush)
+        if before is not None:
+            before()
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
@@ -431,7 +435,14 @@ def time_cuda(fn, reps, flush):
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+        if after is not None:
+            after()
+    return ts
+
+
+def time_cuda(fn, reps, flush):
+    import statistics
+    return statistics.median(timed_calls(fn, reps, flush))
 
 
 def bench(src, args, log):

@@ -1737,9 +1737,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
 #pragma unroll
     for (int h = 0; h < 2; ++h) qmh[h] = 2 * c + h < GQA ? amax[8 + 2 * c + h] : 0.0f;
 
-    float* sm_o = (float*)smem;                 // [WARPS][GQA] rows, words at smo_at (after the loop)
-    float* sm_m = sm_o + WARPS * GQA * SMO_RS;  // [WARPS][8]
-    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
 #pragma unroll 1
     for (int i = 0; i < n_mine; ++i) {
         __syncwarp(); // every lane is done with the stage refilled below (read in iteration i-1)
@@ -1823,6 +1820,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     // Merge the warps' states in shared memory (the tables are dead now).
     __syncthreads();
     TL(5);
+    float* sm_o = (float*)smem;                 // [WARPS][GQA] rows, words at smo_at
+    float* sm_m = sm_o + WARPS * GQA * SMO_RS;  // [WARPS][8]
+    float* sm_l = sm_m + WARPS * 8;             // [WARPS][8]
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const u32 hd = 2 * c + h;

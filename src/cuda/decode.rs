@@ -338,21 +338,15 @@ impl BatchCache {
             let sms = self.codec.device().sm_count() as u64;
             let v = variant(l.k_bits, l.v_bits, l.head_dim, pairs, sms);
             let k = self.decode_kernel_for(gqa, dtype, v);
-            if k.is_ok() || v.warps != 16 {
+            // The rule's choice for batches too large for one block per SM.
+            let many = variant(l.k_bits, l.v_bits, l.head_dim, sms, sms);
+            if k.is_ok() || many == v {
                 return k;
             }
             // The 16-warp default needs more shared memory than this device grants a block (5 and
-            // 6 bits at head_dim 128 on the H100: 265-271 KB): the 8-warp variant of two blocks
-            // per SM instead, remembered under the 16-warp key (no retry per call).
-            let k8 = self.decode_kernel_for(
-                gqa,
-                dtype,
-                DecodeVariant {
-                    warps: 8,
-                    min_blocks: 2,
-                    ..v
-                },
-            )?;
+            // 6 bits at head_dim 128 on the H100: 265-271 KB): the variant of larger batches
+            // instead, remembered under the 16-warp key (no retry per call).
+            let k8 = self.decode_kernel_for(gqa, dtype, many)?;
             self.decode
                 .kernels
                 .lock()
