@@ -349,10 +349,17 @@ impl BatchCache {
     fn sync_meta(&mut self) -> Result<()> {
         let s = self.codec.stream().clone();
         let flags: Vec<u32> = self.modes.iter().map(|&m| ring_flag(m)).collect();
+        s.memcpy_htod(&padded(&flags), &mut self.ring_flags)
+            .map_err(|e| driver_err("batch cache: upload modes", e))?;
+        self.sync_lengths()
+    }
+
+    /// Uploads the host mirrors of the lengths and frontiers, what an append changes (one copy
+    /// fewer per decode step than [`Self::sync_meta`]).
+    fn sync_lengths(&mut self) -> Result<()> {
+        let s = self.codec.stream().clone();
         let up = |e| driver_err("batch cache: upload lengths", e);
         s.memcpy_htod(&padded(&self.lens), &mut self.seq_lens)
-            .map_err(up)?;
-        s.memcpy_htod(&padded(&flags), &mut self.ring_flags)
             .map_err(up)?;
         if let Some(e) = self.extras.as_mut() {
             s.memcpy_htod(&padded(&e.frontier), &mut e.frontiers)
@@ -642,7 +649,7 @@ impl BatchCache {
         for len in &mut self.lens {
             *len += 1;
         }
-        self.sync_meta()
+        self.sync_lengths()
     }
 
     /// [`BatchCache::append`] of a batch with exact segments or centered keys (shapes checked).
@@ -725,7 +732,7 @@ impl BatchCache {
             *len += 1;
             *frontier = (*frontier).max((u64::from(*len).saturating_sub(window)) as u32);
         }
-        self.sync_meta()
+        self.sync_lengths()
     }
 
     /// Synchronizes the stream and reports (and clears) the first non-finite vector seen by
