@@ -251,16 +251,25 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
     quantize_vectors(src, packed, norms, status, signs, buckets, p, map, blockIdx.x, gridDim.x);
 }
 
+// Batch appends: next_lens[j] = seq_lens[j] + 1 for the num_seqs sequences (block 0), the lengths
+// after this append in a second buffer that the host swaps in (no upload after the launch); a
+// null next_lens leaves them to the caller.
+__device__ __forceinline__ void advance_lens(const u32* __restrict__ seq_lens, u32* __restrict__ next_lens, u64 num_seqs) {
+    if (next_lens == nullptr || blockIdx.x != 0) return;
+    for (u64 j = threadIdx.x; j < num_seqs; j += blockDim.x) next_lens[j] = seq_lens[j] + 1;
+}
+
 // One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
 // sequence's position seq_lens[j] (u32 [num_seqs], NO_POS: none; ring_flags u32 [num_seqs],
-// nonzero = ring).
+// nonzero = ring), and with next_lens the lengths after it (advance_lens).
 // p.n_vectors = num_seqs * num_kv_heads; p.skip and p.first_slot are unused. The host checks
-// that a global sequence has room (seq_lens[j] < capacity) and advances seq_lens afterwards.
+// that a global sequence has room (seq_lens[j] < capacity).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_quantize_batch(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
                   u64* __restrict__ status, const float* __restrict__ signs,
                   const uint2* __restrict__ buckets, const u32* __restrict__ seq_lens,
-                  const u32* __restrict__ ring_flags, const QuantizeParams p) {
+                  const u32* __restrict__ ring_flags, u32* __restrict__ next_lens, const QuantizeParams p) {
+    advance_lens(seq_lens, next_lens, p.n_vectors / p.num_kv_heads);
     const BatchMap map = {seq_lens, ring_flags, p.num_kv_heads, p.capacity};
     quantize_vectors(src, packed, norms, status, signs, buckets, p, map, blockIdx.x, gridDim.x);
 }
@@ -273,7 +282,8 @@ tq_quantize_batch_kv(const u8* __restrict__ k_src, const u8* __restrict__ v_src,
                      u64* __restrict__ status, const float* __restrict__ signs,
                      const uint2* __restrict__ k_buckets, const uint2* __restrict__ v_buckets,
                      const u32* __restrict__ seq_lens, const u32* __restrict__ ring_flags,
-                     const QuantizeParams pk, const QuantizeParams pv) {
+                     u32* __restrict__ next_lens, const QuantizeParams pk, const QuantizeParams pv) {
+    advance_lens(seq_lens, next_lens, pk.n_vectors / pk.num_kv_heads);
     const BatchMap map = {seq_lens, ring_flags, pk.num_kv_heads, pk.capacity};
     const u32 half = gridDim.x / 2;
     if (blockIdx.x < half)
@@ -293,6 +303,8 @@ struct AppendParams {
     u64 key_mean;           // f32 [num_seqs][num_kv_heads][HEAD_DIM] mu, or 0 (no centering)
     u64 k_sinks, v_sinks;   // u16 [num_seqs][num_kv_heads][sinks][HEAD_DIM], exact dtype bits
     u64 k_window, v_window; // u16 [num_seqs][num_kv_heads][window][HEAD_DIM], position p at p % window
+    u64 next_lens;          // u32 [num_seqs] (out): seq_lens + 1
+    u64 next_frontiers;     // u32 [num_seqs] (out): the frontiers after this append
     u32 num_kv_heads;
     u32 sinks;
     u32 window;
@@ -351,7 +363,13 @@ tq_append_stage(const AppendParams p, u64* __restrict__ status) {
         ((float*)p.k_stage)[at] = ks;
         ((float*)p.v_stage)[at] = vs;
     }
-    if (h == 0 && i == 0) ((u32*)p.positions)[j] = leave ? a : NO_POS;
+    if (h == 0 && i == 0) {
+        ((u32*)p.positions)[j] = leave ? a : NO_POS;
+        // The lengths and frontiers after this append, into the buffers the host swaps in: every
+        // position below len + 1 - window is packed (or a sink).
+        ((u32*)p.next_lens)[j] = len + 1;
+        ((u32*)p.next_frontiers)[j] = len + 1 > W && len + 1 - W > fr ? len + 1 - W : fr;
+    }
     if (exact && len < S) {
         const u64 d = (row * S + len) * HEAD_DIM + i;
         ((u16*)p.k_sinks)[d] = kb;

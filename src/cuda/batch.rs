@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::buffer::{BufferDType, DeviceBuffer};
 use super::codec::CudaCodec;
@@ -43,6 +43,9 @@ pub struct BatchCache {
     pub(super) v_norms: DeviceBuffer,
     /// u32 `[num_seqs]`: logical length of each sequence.
     pub(super) seq_lens: CudaSlice<u32>,
+    /// u32 `[num_seqs]`: where an append's kernel writes the lengths after it; swapped with
+    /// `seq_lens` once launched (no upload per decode step).
+    seq_lens_next: CudaSlice<u32>,
     /// u32 `[num_seqs]`: 1 = ring, 0 = global.
     pub(super) ring_flags: CudaSlice<u32>,
     /// Host mirror of `seq_lens`.
@@ -71,6 +74,9 @@ pub(super) struct Extras {
     /// u32 `[num_seqs]` frontiers and their host mirror.
     pub(super) frontiers: CudaSlice<u32>,
     frontier: Vec<u32>,
+    /// u32 `[num_seqs]`: the frontiers after an append (tq_append_stage), swapped in like
+    /// `seq_lens_next`.
+    frontiers_next: CudaSlice<u32>,
     /// Whether each sequence's μ is set (given, or uploaded with a cache).
     mean_set: Vec<bool>,
     /// Append staging: f32 `[num_seqs, num_kv_heads, head_dim]` per side and u32 `[num_seqs]`
@@ -90,7 +96,7 @@ impl Extras {
             + mean
             + self.k_stage.num_bytes()
             + self.v_stage.num_bytes()
-            + 2 * 4 * self.frontier.len() // u32 frontiers and append positions
+            + 3 * 4 * self.frontier.len() // u32 frontiers (two buffers) and append positions
     }
 
     fn exact(&self, side: Side) -> (&DeviceBuffer, &DeviceBuffer) {
@@ -157,6 +163,7 @@ impl BatchCache {
         // At least one element: a zero-length device allocation is not allowed.
         let lens = vec![0u32; num_seqs];
         let seq_lens = s.clone_htod(&padded(&lens)).map_err(up)?;
+        let seq_lens_next = s.clone_htod(&padded(&lens)).map_err(up)?;
         let ring_flags = s.clone_htod(&padded(&flags)).map_err(up)?;
         options.check(&l)?;
         let sinks = options.sinks.min(l.capacity);
@@ -186,6 +193,7 @@ impl BatchCache {
                 key_mean,
                 frontiers: s.clone_htod(&padded(&lens)).map_err(up)?,
                 frontier: lens.clone(),
+                frontiers_next: s.clone_htod(&padded(&lens)).map_err(up)?,
                 mean_set: vec![options.key_mean.is_some(); num_seqs],
                 k_stage: zeros(f32s, 1)?,
                 v_stage: zeros(f32s, 1)?,
@@ -202,6 +210,7 @@ impl BatchCache {
             v_packed,
             v_norms,
             seq_lens,
+            seq_lens_next,
             ring_flags,
             lens,
             modes,
@@ -323,15 +332,15 @@ impl BatchCache {
         &self.modes
     }
 
-    /// Bytes of every buffer the batch holds on the device: the four planes, the lengths and
-    /// modes, and with non-plain options the exact sinks and window, μ, the frontiers and the
-    /// append staging buffers.
+    /// Bytes of every buffer the batch holds on the device: the four planes, the lengths (two
+    /// buffers) and modes, and with non-plain options the exact sinks and window, μ, the
+    /// frontiers and the append staging buffers.
     pub fn memory_bytes(&self) -> usize {
         self.k_packed.num_bytes()
             + self.v_packed.num_bytes()
             + self.k_norms.num_bytes()
             + self.v_norms.num_bytes()
-            + 8 * self.num_seqs
+            + 12 * self.num_seqs
             + self.extras.as_ref().map_or(0, Extras::num_bytes)
     }
 
@@ -643,13 +652,16 @@ impl BatchCache {
             self.num_seqs,
             &self.seq_lens,
             &self.ring_flags,
+            Some(&mut self.seq_lens_next),
             (&mut self.k_packed, &mut self.k_norms),
             (&mut self.v_packed, &mut self.v_norms),
         )?;
+        // The kernel wrote the new lengths beside the old ones: swap them in, no upload.
+        std::mem::swap(&mut self.seq_lens, &mut self.seq_lens_next);
         for len in &mut self.lens {
             *len += 1;
         }
-        self.sync_lengths()
+        Ok(())
     }
 
     /// [`BatchCache::append`] of a batch with exact segments or centered keys (shapes checked).
@@ -697,6 +709,8 @@ impl BatchCache {
         let (k_window, _g10) = e.k_window.slice().device_ptr(&st);
         let (v_window, _g11) = e.v_window.slice().device_ptr(&st);
         let mean = e.key_mean.as_ref().map(|m| m.slice().device_ptr(&st));
+        let (next_lens, _g12) = self.seq_lens_next.device_ptr_mut(&st);
+        let (next_frontiers, _g13) = e.frontiers_next.device_ptr_mut(&st);
         let params = AppendParams {
             k_new,
             v_new,
@@ -710,6 +724,8 @@ impl BatchCache {
             v_sinks,
             k_window,
             v_window,
+            next_lens,
+            next_frontiers,
             num_kv_heads,
             sinks: sinks as u32,
             window: window as u32,
@@ -717,7 +733,7 @@ impl BatchCache {
         };
         self.codec.append_stage(&params, dtype, n)?;
         drop((
-            _g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, _g11, mean,
+            _g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, _g11, _g12, _g13, mean,
         ));
         quantize_both(
             &self.codec,
@@ -725,14 +741,19 @@ impl BatchCache {
             n,
             &e.positions,
             &self.ring_flags,
+            None,
             (&mut self.k_packed, &mut self.k_norms),
             (&mut self.v_packed, &mut self.v_norms),
         )?;
+        // tq_append_stage wrote the new lengths and frontiers beside the old ones (the same rule
+        // as here): swap them in, no upload.
+        std::mem::swap(&mut self.seq_lens, &mut self.seq_lens_next);
+        std::mem::swap(&mut e.frontiers, &mut e.frontiers_next);
         for (len, frontier) in self.lens.iter_mut().zip(&mut e.frontier) {
             *len += 1;
             *frontier = (*frontier).max((u64::from(*len).saturating_sub(window)) as u32);
         }
-        self.sync_lengths()
+        Ok(())
     }
 
     /// Synchronizes the stream and reports (and clears) the first non-finite vector seen by
@@ -753,23 +774,45 @@ fn leaving_position(len: u32, frontier: u32, sinks: u64, window: u64) -> Option<
 
 /// The batch quantize of keys and values at `positions` (one token per sequence): one launch
 /// when both sides have the same bit width and source dtype, else one per side.
+#[allow(clippy::too_many_arguments)]
 fn quantize_both(
     codec: &CudaCodec,
     (k, v): (&DeviceBuffer, &DeviceBuffer),
     num_seqs: usize,
     positions: &CudaSlice<u32>,
     ring_flags: &CudaSlice<u32>,
+    next_lens: Option<&mut CudaSlice<u32>>,
     k_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
     v_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
 ) -> Result<()> {
     let l = codec.codec().layout();
     if l.k_bits == l.v_bits && k.dtype() == v.dtype() {
-        return codec.quantize_batch_kv(k, v, num_seqs, positions, ring_flags, k_planes, v_planes);
+        return codec.quantize_batch_kv(
+            k, v, num_seqs, positions, ring_flags, next_lens, k_planes, v_planes,
+        );
     }
     let (kp, kn) = k_planes;
-    codec.quantize_batch(Side::Keys, k, num_seqs, positions, ring_flags, kp, kn)?;
+    codec.quantize_batch(
+        Side::Keys,
+        k,
+        num_seqs,
+        positions,
+        ring_flags,
+        next_lens,
+        kp,
+        kn,
+    )?;
     let (vp, vn) = v_planes;
-    codec.quantize_batch(Side::Values, v, num_seqs, positions, ring_flags, vp, vn)
+    codec.quantize_batch(
+        Side::Values,
+        v,
+        num_seqs,
+        positions,
+        ring_flags,
+        None,
+        vp,
+        vn,
+    )
 }
 
 /// The four device planes of one sequence: packed `[num_kv_heads, capacity, row_bytes]` u8 and

@@ -290,9 +290,10 @@ impl CudaCodec {
 
     /// One token per sequence, `src: [num_seqs, num_kv_heads, head_dim]`, into batch planes
     /// `[num_seqs, num_kv_heads, capacity, ...]` at each sequence's position `seq_lens[j]` (slot
-    /// `seq_lens[j] % capacity` where `ring_flags[j] != 0`). One launch; the caller (the batch
-    /// cache) has validated every shape and that each global sequence has room. A non-finite
-    /// vector is reported by [`CudaCodec::check_finite`] as token `j` (the sequence).
+    /// `seq_lens[j] % capacity` where `ring_flags[j] != 0`), and with `next_lens` the lengths after
+    /// it (`seq_lens[j] + 1`) into that buffer. One launch; the caller (the batch cache) has
+    /// validated every shape and that each global sequence has room. A non-finite vector is
+    /// reported by [`CudaCodec::check_finite`] as token `j` (the sequence).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn quantize_batch(
         &self,
@@ -301,6 +302,7 @@ impl CudaCodec {
         num_seqs: usize,
         seq_lens: &CudaSlice<u32>,
         ring_flags: &CudaSlice<u32>,
+        next_lens: Option<&mut CudaSlice<u32>>,
         packed: &mut DeviceBuffer,
         norms: &mut DeviceBuffer,
     ) -> Result<()> {
@@ -326,10 +328,16 @@ impl CudaCodec {
             .arg(&self.signs)
             .arg(&t.buckets)
             .arg(seq_lens)
-            .arg(ring_flags)
-            .arg(&params);
-        // SAFETY: the argument list matches tq_quantize_batch's signature; the batch cache
-        // checked src's shape and that every written slot lies inside packed and norms.
+            .arg(ring_flags);
+        let null = 0u64;
+        match next_lens {
+            Some(n) => launch.arg(n),
+            None => launch.arg(&null),
+        };
+        launch.arg(&params);
+        // SAFETY: the argument list matches tq_quantize_batch's signature (a null next_lens is
+        // skipped); the batch cache checked src's shape, that every written slot lies inside
+        // packed and norms, and that next_lens holds num_seqs lengths.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
         Ok(())
     }
@@ -345,6 +353,7 @@ impl CudaCodec {
         num_seqs: usize,
         seq_lens: &CudaSlice<u32>,
         ring_flags: &CudaSlice<u32>,
+        next_lens: Option<&mut CudaSlice<u32>>,
         (k_packed, k_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
         (v_packed, v_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
     ) -> Result<()> {
@@ -386,11 +395,16 @@ impl CudaCodec {
             .arg(&tk.buckets)
             .arg(&tv.buckets)
             .arg(seq_lens)
-            .arg(ring_flags)
-            .arg(&pk)
-            .arg(&pv);
-        // SAFETY: the argument list matches tq_quantize_batch_kv's signature; the batch cache
-        // checked both sources' shapes and that every written slot lies inside the planes.
+            .arg(ring_flags);
+        let null = 0u64;
+        match next_lens {
+            Some(n) => launch.arg(n),
+            None => launch.arg(&null),
+        };
+        launch.arg(&pk).arg(&pv);
+        // SAFETY: the argument list matches tq_quantize_batch_kv's signature (a null next_lens
+        // is skipped); the batch cache checked both sources' shapes, that every written slot lies
+        // inside the planes, and that next_lens holds num_seqs lengths.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
         Ok(())
     }

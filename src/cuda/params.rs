@@ -151,6 +151,10 @@ pub struct AppendParams {
     /// u16 `[num_seqs, num_kv_heads, window, head_dim]`, position p at slot `p % window`.
     pub k_window: u64,
     pub v_window: u64,
+    /// u32 `[num_seqs]` (written): the lengths after the append (`seq_lens + 1`).
+    pub next_lens: u64,
+    /// u32 `[num_seqs]` (written): the frontiers after the append.
+    pub next_frontiers: u64,
     pub num_kv_heads: u32,
     pub sinks: u32,
     pub window: u32,
@@ -178,6 +182,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<DecodeParams>(), 232);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
         // kernels/quantize.cu: 12 u64, 4 u32.
-        assert_eq!(std::mem::size_of::<AppendParams>(), 112);
+        assert_eq!(std::mem::size_of::<AppendParams>(), 128);
     }
 }
