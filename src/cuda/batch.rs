@@ -354,21 +354,15 @@ impl BatchCache {
         Ok(())
     }
 
-    /// Uploads the host mirrors of the lengths and modes (stream-ordered after earlier work).
+    /// Uploads the host mirrors of the lengths, modes and frontiers (stream-ordered after earlier
+    /// work). Appends need none of it: their kernels write the lengths and frontiers after them.
     fn sync_meta(&mut self) -> Result<()> {
         let s = self.codec.stream().clone();
         let flags: Vec<u32> = self.modes.iter().map(|&m| ring_flag(m)).collect();
-        s.memcpy_htod(&padded(&flags), &mut self.ring_flags)
-            .map_err(|e| driver_err("batch cache: upload modes", e))?;
-        self.sync_lengths()
-    }
-
-    /// Uploads the host mirrors of the lengths and frontiers, what an append changes (one copy
-    /// fewer per decode step than [`Self::sync_meta`]).
-    fn sync_lengths(&mut self) -> Result<()> {
-        let s = self.codec.stream().clone();
-        let up = |e| driver_err("batch cache: upload lengths", e);
+        let up = |e| driver_err("batch cache: upload lengths and modes", e);
         s.memcpy_htod(&padded(&self.lens), &mut self.seq_lens)
+            .map_err(up)?;
+        s.memcpy_htod(&padded(&flags), &mut self.ring_flags)
             .map_err(up)?;
         if let Some(e) = self.extras.as_mut() {
             s.memcpy_htod(&padded(&e.frontier), &mut e.frontiers)
