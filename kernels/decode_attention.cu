@@ -1529,6 +1529,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     const qtype* q = (const qtype*)p.q + pair_idx * GQA * D;
 
     const u32 len = ((const u32*)p.seq_lens)[seq];
+    // The frontier goes out with the length: loaded after the staging below, it queued behind
+    // the exact rows there (a tq4 call's tiles started ~0.5 µs later, NOTES-decode v9).
+    const u32 f_raw = p.frontiers ? ((const u32*)p.frontiers)[seq] : 0xffffffffu;
     const bool ring = p.ring_flags ? ((const u32*)p.ring_flags)[seq] != 0 : p.ring != 0;
     const u32 vis = visible_start(ring, p, len);
     u32 start = vis;
@@ -1562,11 +1565,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         cp_async_commit();
     }
     // Packed positions: [max(start, sinks), min(len, frontier)).
-    u32 end = len;
-    if (p.frontiers) {
-        const u32 f = ((const u32*)p.frontiers)[seq];
-        if (f < end) end = f;
-    }
+    const u32 end = f_raw < len ? f_raw : len;
     const u32 frontier = end;
     if (p.sinks > start) start = p.sinks;
     if (start > end) start = end;
