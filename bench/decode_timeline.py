@@ -42,6 +42,10 @@ def main():
                     help="after each flush, an untimed call on a separate 16-token batch (brings the kernel's code, "
                          "not the timed call's data, back into the L2)")
     ap.add_argument("--no-flush", action="store_true")
+    ap.add_argument("--tq4", default="",
+                    help="also time each shape with exact segments, comma-separated: tq4 (1 sink, 32-slot window, "
+                         "centered keys, spread), exact (the slots, no centering), center (centering only), smem (plain, "
+                         "launched with the spread shared memory)")
     args = ap.parse_args()
     dv.FLUSH_MODE = args.flush
     src = open(args.kernel).read()
@@ -67,29 +71,32 @@ def main():
             out = torch.empty_like(q)
             nbytes = B * Hkv * L * (dv.row_bytes(kb, d) + dv.row_bytes(vb, d) + 8)
             l2_first = nbytes <= 4 * 50e6 if args.l2_first < 0 else bool(args.l2_first)
-            run, splits = k.plan(q, cache, lens, out, scale=1.0 / math.sqrt(d), splits=args.splits or None,
-                                 l2_evict_first=l2_first)
-            nblk = splits * Hkv * B
-            warm = None
-            if args.warm_code:
-                wc = dv.make_cache(8, Hkv, 16, d, kb, vb, gen)
-                wq = torch.randn((8, Hq, d), device="cuda", dtype=torch.bfloat16, generator=gen)
-                wl = torch.full((8,), 16, dtype=torch.int32, device="cuda")
-                wo = torch.empty_like(wq)
-                warm, _ = k.plan(wq, wc, wl, wo, scale=1.0 / math.sqrt(d), l2_evict_first=l2_first)
-            rows, clk_rows = [], []
+            for tq in [""] + [x for x in args.tq4.split(",") if x]:
+                seg = tq in ("tq4", "exact")
+                run, splits = k.plan(q, cache, lens, out, scale=1.0 / math.sqrt(d), splits=args.splits or None,
+                                     l2_evict_first=l2_first, sinks=1 if seg else 0, window_len=32 if seg else 0,
+                                     centered=tq in ("tq4", "center"), spread_smem=tq == "smem")
+                nblk = splits * Hkv * B
+                warm = None
+                if args.warm_code:
+                    wc = dv.make_cache(8, Hkv, 16, d, kb, vb, gen)
+                    wq = torch.randn((8, Hq, d), device="cuda", dtype=torch.bfloat16, generator=gen)
+                    wl = torch.full((8,), 16, dtype=torch.int32, device="cuda")
+                    wo = torch.empty_like(wq)
+                    warm, _ = k.plan(wq, wc, wl, wo, scale=1.0 / math.sqrt(d), l2_evict_first=l2_first)
+                rows, clk_rows = [], []
 
-            def read_marks():
-                if tl is not None:
-                    rows.append(cp.ndarray((nblk, NM), cp.uint64, tl).get().astype("int64"))
-                    clk_rows.append(cp.ndarray((nblk, NM), cp.uint64, tlc).get().astype("int64"))
+                def read_marks():
+                    if tl is not None:
+                        rows.append(cp.ndarray((nblk, NM), cp.uint64, tl).get().astype("int64"))
+                        clk_rows.append(cp.ndarray((nblk, NM), cp.uint64, tlc).get().astype("int64"))
 
-            ev = dv.timed_calls(run, args.reps, None if args.no_flush else flush, before=warm, after=read_marks)
-            print(f"  B{B} L{L}: splits={splits} blocks={nblk} l2_first={int(l2_first)} event {statistics.median(ev):.1f} us "
-                  f"(min {min(ev):.1f}); streamed {nbytes / 1e6:.1f} MB")
-            if tl is None:
-                continue
-            report(rows, clk_rows, nblk, args.blocks)
+                ev = dv.timed_calls(run, args.reps, None if args.no_flush else flush, before=warm, after=read_marks)
+                print(f"  B{B} L{L} {tq or 'plain'}: splits={splits} blocks={nblk} l2_first={int(l2_first)} event {statistics.median(ev):.1f} us "
+                      f"(min {min(ev):.1f}); streamed {nbytes / 1e6:.1f} MB")
+                if tl is None:
+                    continue
+                report(rows, clk_rows, nblk, args.blocks)
             del cache
 
 

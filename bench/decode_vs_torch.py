@@ -32,8 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SEED = 0x7451_4B56_5345_4544
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # struct DecodeParams: 13 u64, 6 u32, 4 f32, the exact-segment fields 6 u64, 4 u32, counters u64,
-# exact_credit, exact_blocks, l2_evict_first and padding u32 (232 bytes; this harness times plain
-# caches with two launches and no L2 hint: the last 15 are all zero)
+# exact_credit, exact_blocks, l2_evict_first and direct_out u32 (232 bytes; this harness times
+# plain caches, or spread exact slots with plan's sinks / window_len / centered)
 PARAMS_FMT = "<13Q6I4f6Q4IQ4I"
 
 
@@ -151,6 +151,8 @@ class TqDecode:
         self.merge_fn = self.mod.get_function("tq_decode_merge")
         g = self.mod.get_global("tq_decode_smem_bytes")
         self.smem = int(cp.ndarray((1,), cp.uint32, g).get()[0])
+        g = self.mod.get_global("tq_decode_smem_bytes_spread")
+        self.smem_spread = int(cp.ndarray((1,), cp.uint32, g).get()[0])
         g = self.mod.get_global("tq_decode_params_bytes")
         assert int(cp.ndarray((1,), cp.uint32, g).get()[0]) == struct.calcsize(PARAMS_FMT)
         self.split_fn.max_dynamic_shared_size_bytes = self.smem
@@ -191,9 +193,22 @@ class TqDecode:
         return splits
 
     def plan(self, q, cache, seq_lens, out, *, scale, softcap=0.0, window=0, ring=False,
-             ring_flags=None, splits=None, pv_scale=1.0, sf=1.0, l2_evict_first=False):
-        """Packs the parameters once; returns (launch both kernels on the current stream, splits)."""
+             ring_flags=None, splits=None, pv_scale=1.0, sf=1.0, l2_evict_first=False, sinks=0, window_len=0,
+             centered=False, spread_smem=False):
+        """Packs the parameters once; returns (launch both kernels on the current stream, splits).
+        sinks, window_len, centered: exact sink and recent-window slots (random f16 rows, the
+        packed range ending window_len before the length) and a key mean, scored by every packed
+        split (exact = 3), as the library places a tq4 cache's at batch 8 (timing only)."""
         S, nkv, cap = cache["kp"].shape[:3]
+        exact = sinks + window_len > 0 or centered
+        extra = {}
+        if exact:
+            g = torch.Generator(device="cuda")
+            g.manual_seed(5)
+            plane = lambda n: torch.randn((S, nkv, max(n, 1), self.d), device="cuda", generator=g).half()
+            extra = dict(ks=plane(sinks), vs=plane(sinks), kw=plane(window_len), vw=plane(window_len),
+                         mu=torch.randn((S, nkv, self.d), device="cuda", generator=g) * 0.1 if centered else None,
+                         fr=(seq_lens.to(torch.int64) - window_len).clamp(min=sinks).to(torch.int32))
         if splits is None:
             eff = int(seq_lens.max().item()) if S else 0
             eff = min(eff, cap) if ring else eff
@@ -212,14 +227,19 @@ class TqDecode:
             part_o.data_ptr(), part_ml.data_ptr(),
             S, nkv, cap, splits, 1 if ring else 0, window,
             scale, softcap, pv_scale, 1.0 / sf,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            *((extra["fr"].data_ptr(), 0 if extra["mu"] is None else extra["mu"].data_ptr(), extra["ks"].data_ptr(),
+               extra["vs"].data_ptr(), extra["kw"].data_ptr(), extra["vw"].data_ptr(), sinks, window_len, 3, 0)
+              if exact else (0,) * 10),
             counters.data_ptr(), 0, 0, 1 if l2_evict_first else 0, 0,
         )
         buf = ctypes.create_string_buffer(p, len(p))
         argv = (ctypes.c_void_p * 1)(ctypes.cast(buf, ctypes.c_void_p))
         drv = self.cp.cuda.driver
-        f1, f2, smem, w = self.split_fn.kernel.ptr, self.merge_fn.kernel.ptr, self.smem, 32 * self.warps
-        keep = (buf, argv, part_o, part_ml, counters)
+        f1, f2, w = self.split_fn.kernel.ptr, self.merge_fn.kernel.ptr, 32 * self.warps
+        smem = self.smem_spread if exact or spread_smem else self.smem
+        if smem > self.split_fn.max_dynamic_shared_size_bytes:
+            self.split_fn.max_dynamic_shared_size_bytes = smem  # raises where the device grants less
+        keep = (buf, argv, part_o, part_ml, counters, extra)
         merge_last = self.merge_last
 
         def run():
