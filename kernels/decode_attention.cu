@@ -346,7 +346,7 @@ extern "C" __constant__ u32 tq_decode_params_bytes = sizeof(DecodeParams);
 // 6 partial stored, 7 split counted, 8 pair merged (last block only), 9 the SM id, 10 tables
 // filled, 11 queries and signs landed, 12 warp states in shared memory, 13 about to combine them,
 // 14 merge_pair's maxima, 15 merge_pair's combined rows. Mark 3 only with TIMELINE=2 (it costs
-// the token loop spills).
+// the token loop spills); with TIMELINE=3 it is the spread exact slots' first chunk scored.
 #if TIMELINE
 constexpr u32 TL_MARKS = 16, TL_BLOCKS = 16384;
 extern "C" __device__ u64 tq_timeline[TL_BLOCKS * TL_MARKS];     // %globaltimer, ns
@@ -1696,6 +1696,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
     TL(2);
     // The first chunk of this split's exact slots, each warp its items, while its first tile loads.
     if (has_ex) exact_items(p, smem, ex0, ex1 - ex0 < (u32)EXC ? ex1 - ex0 : (u32)EXC, true);
+    if (TIMELINE == 3) TL(3); // the spread exact slots' first chunk scored
     // Score-side A fragments: row g = query head, k slots (2c, 2c+1 | 2c+8, 2c+9) of chunk kb in
     // block b <-> dims b*256 + c*D_BLK/4 + 4kb + (0, 1 | 2, 3).
     u32 qa[NB][KB][2];
@@ -1744,7 +1745,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         cp_async_commit();
         cp_async_wait<STAGES - 1>();
         __syncwarp();
-        if (TIMELINE >= 2 && i == 0) TL(3); // (spills: TIMELINE=2 only)
+        if (TIMELINE == 2 && i == 0) TL(3); // (spills: TIMELINE=2 only)
         Tile cur;
         read_tile(pipe_g + PSC * (i % STAGES) * STAGE_BYTES, pl, g, c, cur);
         const u32 pos0 = start + (tile0 + i * WARPS) * TILE;
