@@ -321,7 +321,7 @@ constexpr int EX_NI = GQA * EX_SG;                     // (head, slot group) ite
 constexpr int EX_IPW = (EX_NI + WARPS - 1) / WARPS;    // items per warp
 constexpr int EXQ_OFF = (SMEM_WORDS + 3) / 4 * 4;      // f32 [GQA][D]
 constexpr int EXQM_OFF = EXQ_OFF + GQA * D;            // f32 [8]
-constexpr int EXI_OFF = EXQM_OFF + 8;                  // u32 [8]: e0, e1, len, start, w_begin
+constexpr int EXI_OFF = EXQM_OFF + 8;                  // u32 [8]: e0, e1, len, start, w_begin, len % window_len
 constexpr int EXMU_OFF = EXI_OFF + 8;                  // f32 [D]
 constexpr int EXSG_OFF = EXMU_OFF + D;                 // f32 [D]
 constexpr int EXST_OFF = EXSG_OFF + D;                 // f32 [EX_NI][D] value sums, [EX_NI][2] max, sum
@@ -1150,12 +1150,13 @@ __device__ __forceinline__ void load_exact_slots(const ExactRows& r, u32 t0, u32
 
 /// Whether exact slot t holds a position the query attends to: sinks [start, min(S, len)),
 /// window positions [w_begin, len) (window slot i holds the newest position p < len with
-/// p % W == i).
-__device__ __forceinline__ bool exact_slot_live(u32 t, u32 S, u32 W, u32 len, u32 start, u32 w_begin) {
+/// p % W == i: len - r + i for i < r, else len - r - W + i, with r = len % W, computed once by
+/// the caller: a division per slot sat on every exact slot's critical path).
+__device__ __forceinline__ bool exact_slot_live(u32 t, u32 S, u32 W, u32 len, u32 start, u32 w_begin, u32 r) {
     if (t < S) return t >= start && t < len;
     const u32 i = t - S;
     if (i >= len) return false;
-    const u32 pos = i + W * ((len - 1 - i) / W);
+    const u32 pos = i < r ? len - r + i : len - r - W + i;
     return pos >= w_begin;
 }
 
@@ -1217,6 +1218,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
     __syncthreads();
     u32 w_begin = start > S ? start : S;
     if (frontier > w_begin) w_begin = frontier;
+    const u32 len_w = W ? len % W : 0;
     // The heads go through rolled loops and the running max, sum and scale * q.mu per (warp, head)
     // live in shared memory: this code runs once per launch and is fetched cold (the cache was
     // evicted since the last launch), so its size costs more than its instruction count
@@ -1249,7 +1251,7 @@ __device__ __noinline__ void exact_block(const DecodeParams& p, u32 seq, u32 kvh
 #pragma unroll
         for (int j = 0; j < EX_CHUNK; ++j) {
             const u32 t = t0 + j * WARPS;
-            live[j] = t < nslot && exact_slot_live(t, S, W, len, start, w_begin);
+            live[j] = t < nslot && exact_slot_live(t, S, W, len, start, w_begin, len_w);
         }
 #pragma unroll 1
         for (u32 h = 0; h < GQA; ++h) {
@@ -1369,7 +1371,7 @@ __device__ __forceinline__ void stage_exact_rows(const DecodeParams& p, u64 pair
 __device__ __noinline__ void exact_items(const DecodeParams& p, const u32* smem, u32 t0, u32 n, bool fresh) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* exi = smem + EXI_OFF;
-    const u32 len = exi[2], start = exi[3], w_begin = exi[4];
+    const u32 len = exi[2], start = exi[3], w_begin = exi[4], len_w = exi[5];
     const float scale = p.scale, softcap = p.softcap;
     const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
     const bool bf = p.exact_bf16 != 0;
@@ -1393,7 +1395,7 @@ __device__ __noinline__ void exact_items(const DecodeParams& p, const u32* smem,
         const float qm = exqm[h];
 #pragma unroll 1
         for (u32 j = sg; j < n; j += EX_SG) {
-            if (!exact_slot_live(t0 + j, S, W, len, start, w_begin)) continue; // the same on every lane
+            if (!exact_slot_live(t0 + j, S, W, len, start, w_begin, len_w)) continue; // the same on every lane
             float kx[EL], vx[EL];
             load_exact(rows + 2 * j * D, lane, bf, kx);
             load_exact(rows + (2 * j + 1) * D, lane, bf, vx);
@@ -1594,6 +1596,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
         exi[2] = len;
         exi[3] = vis;
         exi[4] = w_begin;
+        exi[5] = p.window_len ? len % p.window_len : 0; // exact_slot_live's r
     }
     if (t_begin >= t_end && !has_ex) {
         cp_async_wait<0>(); // the staging lands before merge_if_last reuses shared memory
