@@ -466,56 +466,75 @@ fn batch_append_matches_cpu_quantize_bytes() {
 #[test]
 fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
     let Some(dev) = device() else { return };
-    let l = layout(2, 128, 64, 4, 4);
-    let seqs = [
-        (10, CacheMode::Global),
-        (63, CacheMode::Ring),
-        (0, CacheMode::Global),
-    ];
-    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-    let mut cpu: Vec<KvCache> = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, &(len, mode))| filled_cache(l, mode, len, 900 + i as u64))
-        .collect();
-    for (i, c) in cpu.iter().enumerate() {
-        batch.upload(i, c).expect("upload");
-    }
-    let per = l.num_kv_heads * l.head_dim;
-    let heads = 8;
-    let s = batch.codec().stream().clone();
-    let cfg = AttentionConfig::new(128);
-    for step in 0..3u64 {
-        let kv = HostQ::new(DType::F32, 2 * seqs.len() * per, 40 + step);
-        let n = seqs.len() * per;
-        let k_dev = DeviceBuffer::from_src(&s, kv.src(0..n)).expect("upload");
-        let v_dev = DeviceBuffer::from_src(&s, kv.src(n..2 * n)).expect("upload");
-        batch.append(&k_dev, &v_dev).expect("gpu append");
-        let q = HostQ::new(DType::F32, seqs.len() * heads * 128, 60 + step);
-        let q_dev = DeviceBuffer::from_src(&s, q.src(0..q.len())).expect("upload q");
-        let mut out = poisoned(&batch, DType::F32, q.len());
-        batch
-            .attention(&q_dev, heads, &cfg, &mut out)
-            .expect("gpu attention");
-        let gpu = out.to_f32(&s).expect("download");
-        for (i, c) in cpu.iter_mut().enumerate() {
-            c.append(
-                kv.src(i * per..(i + 1) * per),
-                kv.src(n + i * per..n + (i + 1) * per),
-            )
-            .expect("cpu append");
-            let qn = heads * 128;
-            let mut want = vec![0f32; qn];
-            attention(c, q.src(i * qn..(i + 1) * qn), heads, &cfg, &mut want).expect("cpu");
-            let g = &gpu[i * qn..(i + 1) * qn];
-            let num: f64 = g
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum();
-            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            let rel = (num / den).sqrt();
-            assert!(rel <= TOL, "step {step} seq {i}: relative L2 {rel:.3e}");
+    // 4/4 appends in one launch, 4/2 in one per side; a re-upload and a reset between appends
+    // (the lengths after an append are written on the device into a second buffer that the
+    // batch swaps in; an upload or reset writes the current one).
+    for (kb, vb) in [(4, 4), (4, 2)] {
+        let l = layout(2, 128, 64, kb, vb);
+        let seqs = [
+            (10, CacheMode::Global),
+            (63, CacheMode::Ring),
+            (0, CacheMode::Global),
+        ];
+        let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
+        let mut cpu: Vec<KvCache> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, &(len, mode))| filled_cache(l, mode, len, 900 + i as u64))
+            .collect();
+        for (i, c) in cpu.iter().enumerate() {
+            batch.upload(i, c).expect("upload");
+        }
+        let per = l.num_kv_heads * l.head_dim;
+        let heads = 8;
+        let s = batch.codec().stream().clone();
+        let cfg = AttentionConfig::new(128);
+        for step in 0..5u64 {
+            if step == 3 {
+                cpu[0] = filled_cache(l, CacheMode::Global, 20, 950);
+                batch.upload(0, &cpu[0]).expect("re-upload");
+                cpu[2] = filled_cache(l, CacheMode::Ring, 0, 951);
+                batch.reset(2, CacheMode::Ring).expect("reset");
+            }
+            let kv = HostQ::new(DType::F32, 2 * seqs.len() * per, 40 + step);
+            let n = seqs.len() * per;
+            let k_dev = DeviceBuffer::from_src(&s, kv.src(0..n)).expect("upload");
+            let v_dev = DeviceBuffer::from_src(&s, kv.src(n..2 * n)).expect("upload");
+            batch.append(&k_dev, &v_dev).expect("gpu append");
+            let q = HostQ::new(DType::F32, seqs.len() * heads * 128, 60 + step);
+            let q_dev = DeviceBuffer::from_src(&s, q.src(0..q.len())).expect("upload q");
+            let mut out = poisoned(&batch, DType::F32, q.len());
+            batch
+                .attention(&q_dev, heads, &cfg, &mut out)
+                .expect("gpu attention");
+            let gpu = out.to_f32(&s).expect("download");
+            for (i, c) in cpu.iter_mut().enumerate() {
+                c.append(
+                    kv.src(i * per..(i + 1) * per),
+                    kv.src(n + i * per..n + (i + 1) * per),
+                )
+                .expect("cpu append");
+                assert_eq!(
+                    batch.lens()[i] as usize,
+                    c.len(),
+                    "{kb}/{vb} step {step} seq {i}: length"
+                );
+                let qn = heads * 128;
+                let mut want = vec![0f32; qn];
+                attention(c, q.src(i * qn..(i + 1) * qn), heads, &cfg, &mut want).expect("cpu");
+                let g = &gpu[i * qn..(i + 1) * qn];
+                let num: f64 = g
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum();
+                let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+                let rel = (num / den).sqrt();
+                assert!(
+                    rel <= TOL,
+                    "{kb}/{vb} step {step} seq {i}: relative L2 {rel:.3e}"
+                );
+            }
         }
     }
 }
