@@ -313,7 +313,7 @@ static_assert(V_ILV || NTB <= 32, "a V chunk's dims share d / 32");
 
 // Spread exact slots (p.exact == 3), past SMEM_WORDS (never aliased): the group's queries (f32,
 // original domain), scale * q.mu per head, the slice and the sequence's bounds, mu, the signs, the
-// (head, slot group) items' running states, the final state (rotated value sum, max, sum per
+// exact_items' running states, the final state (rotated value sum, max, sum per
 // head: one more warp state for the block merge) and EXC slots' K and V rows (f16/bf16) at a time.
 constexpr int EXC = 5120 / D;                          // exact slots per staged chunk (20 KB of rows)
 // exact_items' items: (heads, slot group) pairs; with EX_HALF a warp's two halves score two heads
@@ -1106,7 +1106,8 @@ __device__ __forceinline__ u32 visible_start(bool ring, const DecodeParams& p, u
 
 constexpr int EX_CHUNK = (GQA > 4 ? 16 : 32) / EL; // exact slots per warp whose rows load together
 
-/// The EL f16/bf16 values of `row` (16-byte aligned, HEAD_DIM long) this lane holds, as f32.
+/// The N f16/bf16 values [N * lane, N * lane + N) of `row` (16-byte aligned, HEAD_DIM long) as
+/// f32: a lane's EL of a warp-held vector, or with N = D / 16 a half-warp lane's.
 template <int N = EL>
 __device__ __forceinline__ void load_exact(const u16* row, u32 lane, bool bf, float (&x)[N]) {
     u32 w[N / 2];
@@ -1373,10 +1374,10 @@ __device__ __forceinline__ void stage_exact_rows(const DecodeParams& p, u64 pair
 }
 
 /// This warp's (heads, slot group) items over exact slots [t0, t0 + n) staged in EXR: item
-/// (heads, sg) scores slots sg, sg + EX_SG, ... (EX_HPI heads, one per half-warp with EX_HALF) like exact_block (f32, original domain, uncentered
-/// keys, scale * q.mu subtracted in shift mode) with an online softmax, from the state saved in
-/// EXST (or from empty ones, `fresh`), and saves it there. No barrier: each warp touches only its
-/// items' states.
+/// (heads, sg) scores slots sg, sg + EX_SG, ... for EX_HPI heads (one per half-warp with EX_HALF)
+/// like exact_block (f32, original domain, uncentered keys, scale * q.mu subtracted in shift
+/// mode) with an online softmax, from the states saved in EXST (or from empty ones, `fresh`), and
+/// saves them there. No barrier: each warp touches only its items' states.
 __device__ __noinline__ void exact_items(const DecodeParams& p, const u32* smem, u32 t0, u32 n, bool fresh) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* exi = smem + EXI_OFF;
