@@ -418,15 +418,7 @@ fn assert_append_matches_cpu(dev: &Arc<CudaDevice>, l: CacheLayout, dtype: DType
         (cap, r),
         (2 * cap + 3, r),
     ];
-    let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-    let mut cpu: Vec<KvCache> = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, &(len, mode))| filled_cache(l, mode, len, 500 + i as u64))
-        .collect();
-    for (i, c) in cpu.iter().enumerate() {
-        batch.upload(i, c).expect("upload");
-    }
+    let (mut batch, mut cpu) = uploaded_batch_and_cpu(dev, l, &seqs, 500);
     let per = l.num_kv_heads * l.head_dim;
     let k = HostQ::new(dtype, seqs.len() * per, 11);
     let v = HostQ::new(dtype, seqs.len() * per, 12);
@@ -476,15 +468,7 @@ fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
             (63, CacheMode::Ring),
             (0, CacheMode::Global),
         ];
-        let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-        let mut cpu: Vec<KvCache> = seqs
-            .iter()
-            .enumerate()
-            .map(|(i, &(len, mode))| filled_cache(l, mode, len, 900 + i as u64))
-            .collect();
-        for (i, c) in cpu.iter().enumerate() {
-            batch.upload(i, c).expect("upload");
-        }
+        let (mut batch, mut cpu) = uploaded_batch_and_cpu(&dev, l, &seqs, 900);
         let per = l.num_kv_heads * l.head_dim;
         let heads = 8;
         let s = batch.codec().stream().clone();
@@ -546,13 +530,26 @@ fn uploaded_batch(
     seqs: &[(usize, CacheMode)],
     seed: u64,
 ) -> BatchCache {
+    uploaded_batch_and_cpu(dev, l, seqs, seed).0
+}
+
+/// [`uploaded_batch`] and the CPU caches it uploaded.
+fn uploaded_batch_and_cpu(
+    dev: &Arc<CudaDevice>,
+    l: CacheLayout,
+    seqs: &[(usize, CacheMode)],
+    seed: u64,
+) -> (BatchCache, Vec<KvCache>) {
     let mut batch = batch_cache(dev.clone(), l, seqs.len()).expect("batch cache");
-    for (i, &(len, mode)) in seqs.iter().enumerate() {
-        batch
-            .upload(i, &filled_cache(l, mode, len, seed + i as u64))
-            .expect("upload");
+    let cpu: Vec<KvCache> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, mode))| filled_cache(l, mode, len, seed + i as u64))
+        .collect();
+    for (i, c) in cpu.iter().enumerate() {
+        batch.upload(i, c).expect("upload");
     }
-    batch
+    (batch, cpu)
 }
 
 #[test]
