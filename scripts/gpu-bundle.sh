@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/tests" "$out/bench"
-cp bench/decode_vs_torch.py bench/decode_vs_torch.sh bench/decode_sweep.sh bench/ncu_source.sh bench/decode_timeline.py "$out/bench/"
+cp bench/decode_vs_torch.py bench/decode_vs_torch.sh bench/decode_sweep.sh bench/ncu_source.sh bench/decode_timeline.py bench/decode_sol.py "$out/bench/"
 
 cargo build --release --bin tqkv
 cp target/release/tqkv "$out/"

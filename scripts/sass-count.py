@@ -108,7 +108,7 @@ def main():
     ops = collections.Counter()
     for b in blocks:
         b = [l for l in b if lo <= addr(l) <= hi]
-        if any("WARPSYNC" in l or "ENDCOLLECTIVE" in l for l in b):
+        if any("WARPSYNC.COLLECTIVE" in l or "ENDCOLLECTIVE" in l for l in b):
             continue
         for l in b:
             op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", l).group(1)
