@@ -243,6 +243,9 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
     }
 }
 
+// The entry points below are left out where this file is compiled as one side of
+// kernels/quantize_mixed.cu (TQ_SIDE_ONLY: inside a namespace, twice).
+#ifndef TQ_SIDE_ONLY
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restrict__ norms,
             u64* __restrict__ status, const float* __restrict__ signs,
@@ -250,6 +253,7 @@ tq_quantize(const u8* __restrict__ src, u8* __restrict__ packed, float* __restri
     const RangeMap map = {p.skip, p.num_kv_heads, p.capacity, p.first_slot};
     quantize_vectors(src, packed, norms, status, signs, buckets, p, map, blockIdx.x, gridDim.x);
 }
+#endif
 
 // Batch appends: next_lens[j] = seq_lens[j] + 1 for the num_seqs sequences (block 0), the lengths
 // after this append in a second buffer that the host swaps in (no upload after the launch); a
@@ -259,6 +263,7 @@ __device__ __forceinline__ void advance_lens(const u32* __restrict__ seq_lens, u
     for (u64 j = threadIdx.x; j < num_seqs; j += blockDim.x) next_lens[j] = seq_lens[j] + 1;
 }
 
+#ifndef TQ_SIDE_ONLY
 // One token per sequence ([num_seqs, num_kv_heads, HEAD_DIM]) into the batch planes, each at its
 // sequence's position seq_lens[j] (u32 [num_seqs], NO_POS: none; ring_flags u32 [num_seqs],
 // nonzero = ring), and with next_lens the lengths after it (advance_lens).
@@ -293,6 +298,8 @@ tq_quantize_batch_kv(const u8* __restrict__ k_src, const u8* __restrict__ v_src,
                          gridDim.x - half);
 }
 
+#endif
+
 // Mirrors AppendParams in src/cuda/params.rs field by field.
 struct AppendParams {
     u64 k_new, v_new;       // IN_DTYPE [num_seqs][num_kv_heads][HEAD_DIM]: one token per sequence
@@ -321,6 +328,7 @@ __device__ __forceinline__ float load_in(const u8* base, u64 i) {
 #endif
 }
 
+#ifndef TQ_SIDE_ONLY
 // One append to sequences with exact sinks/window or centered keys (src/cuda/cache semantics of
 // KvCache::append with one token): grid (num_kv_heads, num_seqs), block HEAD_DIM threads, thread i
 // = coordinate i of (sequence j, head h). With P = seq_lens[j], a = max(frontier, sinks): position
@@ -381,3 +389,4 @@ tq_append_stage(const AppendParams p, u64* __restrict__ status) {
     }
     if (__syncthreads_or(bad) && i == 0) atomicMin(status, row);
 }
+#endif

@@ -458,9 +458,9 @@ fn batch_append_matches_cpu_quantize_bytes() {
 #[test]
 fn decode_after_gpu_appends_matches_cpu_after_the_same_appends() {
     let Some(dev) = device() else { return };
-    // 4/4 appends in one launch, 4/2 in one per side; a re-upload and a reset between appends
-    // (the lengths after an append are written on the device into a second buffer that the
-    // batch swaps in; an upload or reset writes the current one).
+    // 4/4 and 4/2 appends in one launch each (4/2: tq_quantize_batch_kv_mixed); a re-upload and
+    // a reset between appends (the lengths after an append are written on the device into a
+    // second buffer that the batch swaps in; an upload or reset writes the current one).
     for (kb, vb) in [(4, 4), (4, 2)] {
         let l = layout(2, 128, 64, kb, vb);
         let seqs = [

@@ -767,7 +767,7 @@ fn leaving_position(len: u32, frontier: u32, sinks: u64, window: u64) -> Option<
 }
 
 /// The batch quantize of keys and values at `positions` (one token per sequence): one launch
-/// when both sides have the same bit width and source dtype, else one per side.
+/// when both sources have the same dtype (equal or different bit widths), else one per side.
 #[allow(clippy::too_many_arguments)]
 fn quantize_both(
     codec: &CudaCodec,
@@ -779,8 +779,7 @@ fn quantize_both(
     k_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
     v_planes: (&mut DeviceBuffer, &mut DeviceBuffer),
 ) -> Result<()> {
-    let l = codec.codec().layout();
-    if l.k_bits == l.v_bits && k.dtype() == v.dtype() {
+    if k.dtype() == v.dtype() {
         return codec.quantize_batch_kv(
             k, v, num_seqs, positions, ring_flags, next_lens, k_planes, v_planes,
         );

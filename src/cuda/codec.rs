@@ -342,9 +342,10 @@ impl CudaCodec {
         Ok(())
     }
 
-    /// [`CudaCodec::quantize_batch`] of keys and values in one launch (`tq_quantize_batch_kv`).
-    /// Both sides must have the same bit width and both sources the same dtype (the caller
-    /// checks; otherwise it quantizes each side alone).
+    /// [`CudaCodec::quantize_batch`] of keys and values in one launch: `tq_quantize_batch_kv`, or
+    /// for different bit widths `tq_quantize_batch_kv_mixed` (kernels/quantize_mixed.cu). Both
+    /// sources must have the same dtype (the caller checks; otherwise it quantizes each side
+    /// alone).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn quantize_batch_kv(
         &self,
@@ -360,11 +361,9 @@ impl CudaCodec {
         let op = "cuda batch append (keys and values)";
         let in_dtype = float_dtype(op, "k", k_src)?;
         let l = self.codec.layout();
-        if l.k_bits != l.v_bits || v_src.dtype() != k_src.dtype() {
+        if v_src.dtype() != k_src.dtype() {
             invalid!(
-                "{op}: needs equal bit widths and source dtypes, got {}/{} bits, {:?}/{:?}",
-                l.k_bits,
-                l.v_bits,
+                "{op}: needs equal source dtypes, got {:?}/{:?}",
                 k_src.dtype(),
                 v_src.dtype()
             );
@@ -374,8 +373,28 @@ impl CudaCodec {
             return Ok(());
         }
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
-        let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw);
-        let f = self.module_function(op, &key, "tq_quantize_batch_kv")?;
+        let (key, f) = if l.k_bits == l.v_bits {
+            let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw);
+            let f = self.module_function(op, &key, "tq_quantize_batch_kv")?;
+            (key, f)
+        } else {
+            let key = KernelKey {
+                family: Family::QuantizeBatchMixed,
+                defines: vec![
+                    ("HEAD_DIM", l.head_dim as i64),
+                    ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                    ("K_BITS", l.k_bits as i64),
+                    ("V_BITS", l.v_bits as i64),
+                    ("IN_DTYPE", dtype_code(in_dtype)),
+                    ("VPW", vpw),
+                ],
+            };
+            let f = self
+                .device
+                .registry()
+                .function(self.device.context(), &key)?;
+            (key, f)
+        };
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
         let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
         let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
@@ -402,7 +421,7 @@ impl CudaCodec {
             None => launch.arg(&null),
         };
         launch.arg(&pk).arg(&pv);
-        // SAFETY: the argument list matches tq_quantize_batch_kv's signature (a null next_lens
+        // SAFETY: the argument list matches tq_quantize_batch_kv's (and _mixed's) signature (a null next_lens
         // is skipped); the batch cache checked both sources' shapes, that every written slot lies
         // inside the planes, and that next_lens holds num_seqs lengths.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;

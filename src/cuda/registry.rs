@@ -13,6 +13,7 @@ use crate::error::{Result, TqError};
 
 const COMMON_SRC: &str = include_str!("../../kernels/common.cu");
 const QUANTIZE_SRC: &str = include_str!("../../kernels/quantize.cu");
+const QUANTIZE_MIXED_SRC: &str = include_str!("../../kernels/quantize_mixed.cu");
 const DEQUANTIZE_SRC: &str = include_str!("../../kernels/dequantize.cu");
 const DECODE_SRC: &str = include_str!("../../kernels/decode_attention.cu");
 
@@ -22,6 +23,9 @@ pub enum Family {
     Quantize,
     /// One token per sequence into batch planes (`tq_quantize_batch` in kernels/quantize.cu).
     QuantizeBatch,
+    /// Keys and values of different bit widths (`K_BITS`, `V_BITS`) in one batch append
+    /// (`tq_quantize_batch_kv_mixed` in kernels/quantize_mixed.cu).
+    QuantizeBatchMixed,
     Dequantize,
     /// Fused decode attention (kernels/decode_attention.cu): `tq_decode_split`, then
     /// `tq_decode_merge` of the same module.
@@ -30,10 +34,17 @@ pub enum Family {
 
 impl Family {
     /// The kernel source: kernels/common.cu, then the family's file (decode_attention.cu is
-    /// self-contained).
+    /// self-contained). The mixed batch append compiles common.cu + quantize.cu once per side, in
+    /// namespaces `tq_k` (`BITS` = `K_BITS`) and `tq_v` (`BITS` = `V_BITS`), without their entry
+    /// points, then its own kernel.
     fn source(self) -> String {
         match self {
             Family::Quantize | Family::QuantizeBatch => format!("{COMMON_SRC}{QUANTIZE_SRC}"),
+            Family::QuantizeBatchMixed => format!(
+                "#define TQ_SIDE_ONLY 1\n#define BITS K_BITS\nnamespace tq_k {{\n{COMMON_SRC}{QUANTIZE_SRC}}}\n\
+                 #undef BITS\n#define BITS V_BITS\nnamespace tq_v {{\n{COMMON_SRC}{QUANTIZE_SRC}}}\n\
+                 #undef BITS\n{QUANTIZE_MIXED_SRC}"
+            ),
             Family::Dequantize => format!("{COMMON_SRC}{DEQUANTIZE_SRC}"),
             Family::Decode => DECODE_SRC.to_string(),
         }
@@ -44,6 +55,7 @@ impl Family {
         match self {
             Family::Quantize => "tq_quantize",
             Family::QuantizeBatch => "tq_quantize_batch",
+            Family::QuantizeBatchMixed => "tq_quantize_batch_kv_mixed",
             Family::Dequantize => "tq_dequantize",
             Family::Decode => "tq_decode_split",
         }
