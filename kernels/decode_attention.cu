@@ -846,13 +846,49 @@ __device__ __forceinline__ void score_chunks_t(float (&a)[2][4], const u32 (&qa)
     }
 }
 
+/// 2- and 4-bit V (pair tables, fields of 2 * V_BITS bits aligned in words), TRANS: the packed
+/// words of two tokens x, y interleave into keys whose field i holds (x's index, y's index) of dim
+/// 2i (ilv_even) or 2i + 1 (ilv_odd), so one lookup of the pair table gives the A operand's half2
+/// (token x, token y) of one dim: no byte_perm per operand (4 per m-tile otherwise). The same
+/// table entries in the same operands: bit-identical to the per-token lookups.
+constexpr bool V_KEYS = TRANS && VS::PAIR && (V_BITS == 2 || V_BITS == 4);
+constexpr u32 V_KEY_MASK = V_BITS == 2 ? 0x33333333u : 0x0F0F0F0Fu; // each field's low index
+__device__ __forceinline__ u32 ilv_even(u32 x, u32 y) { return (x & V_KEY_MASK) | ((y << V_BITS) & ~V_KEY_MASK); }
+__device__ __forceinline__ u32 ilv_odd(u32 x, u32 y) { return ((x >> V_BITS) & V_KEY_MASK) | (y & ~V_KEY_MASK); }
+
+/// V_KEYS PV m-tiles JP..: a0 / a1 (dims 2JP, 2JP+1 of tokens 2c, 2c+1) from e01 / o01, a2 / a3
+/// (tokens 2c+8, 2c+9) from e23 / o23.
+template <int JP>
+__device__ __forceinline__ void pv_keys_t(float (&o)[NTB / 2][4], u32 b0, u32 b1, const u32 (&e01)[VS::VWORDS],
+                                          const u32 (&o01)[VS::VWORDS], const u32 (&e23)[VS::VWORDS],
+                                          const u32 (&o23)[VS::VWORDS], const u8* tab, u32 lane4) {
+    if constexpr (JP < NTB / 2) {
+        constexpr int W = VS::VWORDS;
+        mma_full(o[JP], lds(tab, lut_off<V_P8, VS::FIELD, JP, W, V_N8>(e01, lane4)),
+                 lds(tab, lut_off<V_P8, VS::FIELD, JP, W, V_N8>(o01, lane4)),
+                 lds(tab, lut_off<V_P8, VS::FIELD, JP, W, V_N8>(e23, lane4)),
+                 lds(tab, lut_off<V_P8, VS::FIELD, JP, W, V_N8>(o23, lane4)), b0, b1);
+        pv_keys_t<JP + 1>(o, b0, b1, e01, o01, e23, o23, tab, lane4);
+    }
+}
+
 /// TRANS PV m-tiles JP..: O^T[dim][head] += V-centroids^T (dims (g, 2JP), (g, 2JP+1) on the rows,
 /// tokens 2c, 2c+1 | 2c+8, 2c+9) x P'^T (b0, b1).
 template <int JP>
 __device__ __forceinline__ void pv_pairs_t(float (&o)[NTB / 2][4], u32 b0, u32 b1, const u32 (&v0)[VS::VWORDS],
                                            const u32 (&v1)[VS::VWORDS], const u32 (&v2)[VS::VWORDS],
                                            const u32 (&v3)[VS::VWORDS], const u8* tab, u32 lane4) {
-    if constexpr (JP < NTB / 2) {
+    if constexpr (JP == 0 && V_KEYS) {
+        u32 e01[VS::VWORDS], o01[VS::VWORDS], e23[VS::VWORDS], o23[VS::VWORDS];
+#pragma unroll
+        for (int w = 0; w < VS::VWORDS; ++w) {
+            e01[w] = ilv_even(v0[w], v1[w]);
+            o01[w] = ilv_odd(v0[w], v1[w]);
+            e23[w] = ilv_even(v2[w], v3[w]);
+            o23[w] = ilv_odd(v2[w], v3[w]);
+        }
+        pv_keys_t<0>(o, b0, b1, e01, o01, e23, o23, tab, lane4);
+    } else if constexpr (JP < NTB / 2) {
         u32 lo[4], hi[4];
         v_pair<JP>(v0, tab, lane4, lo[0], hi[0]);
         v_pair<JP>(v1, tab, lane4, lo[1], hi[1]);
