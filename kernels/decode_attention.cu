@@ -40,7 +40,8 @@
 // P'^T[token][head] (16 head dims on the rows). Codebook lookups come from a lane-replicated table
 // in shared memory (entry e of lane l at word e*32 + l: conflict-free; with LUT256 byte fields
 // at byte e*256 + l*4, see K_P8, and 2-bit V's nibble fields too, see V_N8): for bits <= 4 one lookup decodes a pair of indices (one 2*bits
-// field of the packed stream) into a half2; for 5/6/8 bits one lookup per index. Within an mma
+// field of the packed stream) into a half2 (2- and 4-bit V with TRANS: a key of two tokens'
+// indices of one dim, V_KEYS); for 5/6/8 bits one lookup per index. Within an mma
 // the k/n index -> head-dim mapping is a fixed permutation chosen so that each thread reads whole
 // 16/8/4-byte chunks of a packed row (see kdim / vdim).
 // Requires the packed and norm buffers 16-byte aligned (cudaMalloc'd base pointers).
