@@ -10,6 +10,14 @@
 // work. The compiler's choice otherwise.
 #define MIN_BLOCKS (E != 16 ? 1 : IN_DTYPE == DT_F32 ? 3 : 4)
 #define IN_SIZE DT_SIZE(IN_DTYPE)
+// Dtype of the new tokens a preset batch's append stages (tq_append_kv, compiled with IN_DTYPE
+// f32: the staged vectors are f32).
+#ifndef NEW_DTYPE
+#define NEW_DTYPE IN_DTYPE
+#endif
+// One lane's input words of a vector row (E coordinates of IN_DTYPE).
+#define QIN_BYTES (E * IN_SIZE)
+#define QIN_WORDS WORDS_OF(QIN_BYTES)
 
 // Mirrors QuantizeParams in src/cuda/params.rs field by field.
 struct QuantizeParams {
@@ -97,6 +105,11 @@ struct RangeMap {
     // Row of the source vector ([tokens, num_kv_heads, HEAD_DIM]); also the status report value.
     __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return (skip + j) * num_kv_heads + h; }
     __device__ __forceinline__ bool writes(u64) const { return true; }
+    // Loads lane `sub`'s words of vector (j, h) from src; true: quantize it.
+    __device__ __forceinline__ bool load(const u8* __restrict__ src, u64 j, u64 h, int sub, u32 (&raw)[QIN_WORDS], bool) const {
+        load_bytes<QIN_BYTES>(src + (src_row(j, h) * HEAD_DIM + sub * E) * IN_SIZE, raw);
+        return true;
+    }
     // Destination row of the packed plane ([num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
         u64 slot = (u64)first_slot + j;
@@ -114,6 +127,10 @@ struct BatchMap {
     // Row of the source vector ([num_seqs, num_kv_heads, HEAD_DIM]); also the status report value.
     __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return j * num_kv_heads + h; }
     __device__ __forceinline__ bool writes(u64 j) const { return seq_lens[j] != NO_POS; }
+    __device__ __forceinline__ bool load(const u8* __restrict__ src, u64 j, u64 h, int sub, u32 (&raw)[QIN_WORDS], bool) const {
+        load_bytes<QIN_BYTES>(src + (src_row(j, h) * HEAD_DIM + sub * E) * IN_SIZE, raw);
+        return true;
+    }
     // Destination row of the batch plane ([num_seqs, num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
         const u32 len = seq_lens[j];
@@ -123,7 +140,8 @@ struct BatchMap {
 };
 
 // The quantize loop shared by the entries: p.n_vectors vectors v = j * num_kv_heads + h, over
-// blocks `block` of `nblocks` (the launch's blocks, or one side's share of them).
+// blocks `block` of `nblocks` (the launch's blocks, or one side's share of them). The map loads
+// each lane's input words (map.load; false: visit the vector, quantize nothing) and places rows.
 template <class Map>
 __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8* __restrict__ packed,
                                                  float* __restrict__ norms, u64* __restrict__ status,
@@ -138,8 +156,7 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
     const int warp = threadIdx.x >> 5;
     const int sub = lane % LPV;
     const int group = lane / LPV;
-    constexpr int IN_BYTES = E * IN_SIZE;
-    constexpr int IN_WORDS = WORDS_OF(IN_BYTES);
+    constexpr int IN_WORDS = QIN_WORDS;
     // D as sign-bit masks over the raw input words of a row: x * (+-1) is exactly x with its
     // sign bit flipped where the sign is -1 (NaN payloads aside, which fail the vector anyway).
     __shared__ __align__(16) u32 s_sign[LPV * IN_WORDS];
@@ -171,7 +188,7 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
         // Past the end, a group computes vector 0 and stores nothing (shuffles need every lane).
         u32 raw[VPW][IN_WORDS];
         u64 jv[VPW], hv[VPW];
-        bool valid[VPW];
+        bool valid[VPW], quant[VPW];
         u64 j = j_base;
         u32 h = h_base;
 #pragma unroll
@@ -180,8 +197,7 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
             valid[k] = base + (u64)k * GROUPS + group < p.n_vectors && map.writes(j);
             jv[k] = valid[k] ? j : 0;
             hv[k] = valid[k] ? h : 0;
-            const u8* row = src + (map.src_row(jv[k], hv[k]) * HEAD_DIM + sub * E) * IN_SIZE;
-            load_bytes<IN_BYTES>(row, raw[k]);
+            quant[k] = map.load(src, jv[k], hv[k], sub, raw[k], valid[k]);
             u32 sign_mask[IN_WORDS];
             load_shared_words<IN_WORDS>(s_sign + sub * IN_WORDS, sign_mask);
 #pragma unroll
@@ -221,11 +237,11 @@ __device__ __forceinline__ void quantize_vectors(const u8* __restrict__ src, u8*
 #endif
             // No early exit: the next vector's shuffles must see a converged warp.
             const u64 j = jv[k], h = hv[k];
-            if (valid[k] && bad && sub == 0) {
+            if (valid[k] && quant[k] && bad && sub == 0) {
                 // Leave the slot unwritten; report the first bad vector by its source row.
                 atomicMin(status, map.src_row(j, h));
             }
-            if (valid[k] && !bad) {
+            if (valid[k] && quant[k] && !bad) {
                 const u64 pos = map.dst_row(j, h);
                 if (sub % LANES_PER_NORM == 0) norms[pos * NORMS_PER_POS + sub / LANES_PER_NORM] = nrm;
 
@@ -302,9 +318,7 @@ tq_quantize_batch_kv(const u8* __restrict__ k_src, const u8* __restrict__ v_src,
 
 // Mirrors AppendParams in src/cuda/params.rs field by field.
 struct AppendParams {
-    u64 k_new, v_new;       // IN_DTYPE [num_seqs][num_kv_heads][HEAD_DIM]: one token per sequence
-    u64 k_stage, v_stage;   // f32, same shape: the vectors tq_quantize_batch writes next
-    u64 positions;          // u32 [num_seqs] (out): logical position of the staged vector, or NO_POS
+    u64 k_new, v_new;       // NEW_DTYPE [num_seqs][num_kv_heads][HEAD_DIM]: one token per sequence
     u64 seq_lens;           // u32 [num_seqs]: lengths before this append
     u64 frontiers;          // u32 [num_seqs]: positions [sinks, frontier) are packed
     u64 key_mean;           // f32 [num_seqs][num_kv_heads][HEAD_DIM] mu, or 0 (no centering)
@@ -318,75 +332,158 @@ struct AppendParams {
     u32 exact_bf16;         // exact planes hold bf16 (1) or f16 (0)
 };
 
-__device__ __forceinline__ float load_in(const u8* base, u64 i) {
 #if IN_DTYPE == DT_F32
-    return ((const float*)base)[i];
-#elif IN_DTYPE == DT_F16
-    return f16_to_f32(((const u16*)base)[i]);
+// One side of a one-token append to sequences with exact sinks/window or centered keys
+// (KvCache::append's rule), as quantize_vectors' map (IN_DTYPE f32): vector (j, h) with P =
+// seq_lens[j] and a = max(frontier, sinks): position a leaves the exact segments when P + 1 > a +
+// window, and its vector (the window slot a % window, or the new token when a == P; keys minus mu)
+// is quantized into slot a (a % capacity in a ring). The new token, rounded to the exact dtype
+// (when anything is kept exact), goes to sink slot P (P < sinks) or window slot P % window after
+// the leaving slot was read (the same lanes read and write the same coordinates). A non-finite
+// input, or one the exact dtype cannot hold, is reported in `status` as row j * num_kv_heads + h.
+// The key side also writes the lengths and frontiers after the append (next_lens,
+// next_frontiers: the buffers the host swaps in).
+struct StageMap {
+    const u8* new_tok;    // NEW_DTYPE rows
+    u16* sinks_plane;
+    u16* window_plane;    // read (the leaving slot) and written (the new token)
+    const float* mu;      // keys with centering, else null
+    const u32* seq_lens;
+    const u32* frontiers;
+    const u32* ring_flags;
+    u32* next_lens;       // key side only, else null
+    u32* next_frontiers;
+    u64* status;
+    u32 num_kv_heads, capacity, sinks, window;
+    bool bf;
+    __device__ __forceinline__ u32 leaving(u64 j) const {
+        const u32 fr = frontiers[j];
+        return fr > sinks ? fr : sinks;
+    }
+    __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return j * num_kv_heads + h; }
+    __device__ __forceinline__ bool writes(u64) const { return true; }
+    __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
+        const u32 a = leaving(j);
+        const u32 slot = ring_flags[j] != 0 ? a % capacity : a;
+        return (j * num_kv_heads + h) * capacity + slot;
+    }
+    // Stages lane `sub`'s coordinates of vector (j, h) (side effects only for a valid vector);
+    // true when position a leaves, raw then holds its f32 coordinates. Rows move in 16-byte
+    // pieces (every lane's E coordinates start on a 32-byte boundary); the window is read with
+    // coherent loads, before this lane overwrites the same coordinates of its slot.
+    __device__ __forceinline__ bool load(const u8*, u64 j, u64 h, int sub, u32 (&raw)[QIN_WORDS], bool valid) const {
+        static_assert(E % 8 == 0, "16-byte pieces of E 16-bit coordinates");
+        const u32 len = seq_lens[j], fr = frontiers[j];
+        const u32 a = fr > sinks ? fr : sinks;
+        const bool leave = (u64)len + 1 > (u64)a + window;
+        const bool exact = sinks + window > 0;
+        const u64 row = j * num_kv_heads + h;
+        const u64 at = row * HEAD_DIM + sub * E;
+        constexpr int NEW_BYTES = E * DT_SIZE(NEW_DTYPE);
+        u32 nw[WORDS_OF(NEW_BYTES)];
+        load_bytes<NEW_BYTES>(new_tok + at * DT_SIZE(NEW_DTYPE), nw);
+        float x[E];
+        u32 xb[E / 2]; // the new token's exact bits, two coordinates a word
+        bool bad = false;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+#if NEW_DTYPE == DT_F32
+            float v = __uint_as_float(nw[i]);
+#elif NEW_DTYPE == DT_F16
+            float v = f16_to_f32((u16)(nw[i / 2] >> (16 * (i & 1))));
 #else
-    return bf16_to_f32(((const u16*)base)[i]);
+            float v = bf16_to_f32((u16)(nw[i / 2] >> (16 * (i & 1))));
 #endif
-}
-
-#ifndef TQ_SIDE_ONLY
-// One append to sequences with exact sinks/window or centered keys (src/cuda/cache semantics of
-// KvCache::append with one token): grid (num_kv_heads, num_seqs), block HEAD_DIM threads, thread i
-// = coordinate i of (sequence j, head h). With P = seq_lens[j], a = max(frontier, sinks): position
-// a leaves the exact segments when P + 1 > a + window; it is staged (the window slot a % window,
-// or the new token when a == P; keys minus mu) and positions[j] = a. The new token, rounded to the
-// exact dtype (when anything is kept exact), then goes to sink slot P (P < sinks) or window slot
-// P % window. A non-finite input, or one the exact dtype cannot hold, is reported in `status` as
-// row j * num_kv_heads + h.
-extern "C" __global__ void __launch_bounds__(1024)
-tq_append_stage(const AppendParams p, u64* __restrict__ status) {
-    const u32 h = blockIdx.x, j = blockIdx.y, i = threadIdx.x;
-    const u32 len = ((const u32*)p.seq_lens)[j];
-    const u32 fr = ((const u32*)p.frontiers)[j];
-    const u32 S = p.sinks, W = p.window;
-    const u32 a = fr > S ? fr : S;
-    const bool leave = (u64)len + 1 > (u64)a + W;
-    const bool exact = S + W > 0;
-    const bool bf = p.exact_bf16 != 0;
-    const u64 row = (u64)j * p.num_kv_heads + h;
-    const u64 at = row * HEAD_DIM + i;
-    float kx = load_in((const u8*)p.k_new, at), vx = load_in((const u8*)p.v_new, at);
-    bool bad = !is_finite(kx) || !is_finite(vx);
-    u16 kb = 0, vb = 0;
-    if (exact) {
-        kb = bf ? f32_to_bf16_rn(kx) : f32_to_f16_rn(kx);
-        vb = bf ? f32_to_bf16_rn(vx) : f32_to_f16_rn(vx);
-        kx = bf ? bf16_to_f32(kb) : f16_to_f32(kb);
-        vx = bf ? bf16_to_f32(vb) : f16_to_f32(vb);
-        bad = bad || !is_finite(kx) || !is_finite(vx);
-    }
-    if (leave) {
-        float ks = kx, vs = vx;
-        if (a < len) {
-            const u64 w = (row * W + a % W) * HEAD_DIM + i;
-            const u16 kw = ((const u16*)p.k_window)[w], vw = ((const u16*)p.v_window)[w];
-            ks = bf ? bf16_to_f32(kw) : f16_to_f32(kw);
-            vs = bf ? bf16_to_f32(vw) : f16_to_f32(vw);
+            bad = bad || !is_finite(v);
+            u16 b = 0;
+            if (exact) {
+                b = bf ? f32_to_bf16_rn(v) : f32_to_f16_rn(v);
+                v = bf ? bf16_to_f32(b) : f16_to_f32(b);
+                bad = bad || !is_finite(v);
+            }
+            if (i % 2 == 0) xb[i / 2] = b;
+            else xb[i / 2] |= (u32)b << 16;
+            x[i] = v;
         }
-        if (p.key_mean) ks = __fsub_rn(ks, ((const float*)p.key_mean)[at]);
-        ((float*)p.k_stage)[at] = ks;
-        ((float*)p.v_stage)[at] = vs;
+        if (leave && a < len) {
+            const uint4* w = reinterpret_cast<const uint4*>(window_plane + (row * window + a % window) * HEAD_DIM + sub * E);
+#pragma unroll
+            for (int q = 0; q < E / 8; ++q) {
+                const uint4 t = w[q];
+                const u32 ws[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const u16 b = (u16)(ws[i / 2] >> (16 * (i & 1)));
+                    x[8 * q + i] = bf ? bf16_to_f32(b) : f16_to_f32(b);
+                }
+            }
+        }
+        if (mu != nullptr) {
+            u32 mw[E];
+            load_bytes<E * 4>((const u8*)(mu + at), mw);
+#pragma unroll
+            for (int i = 0; i < E; ++i) x[i] = __fsub_rn(x[i], __uint_as_float(mw[i]));
+        }
+#pragma unroll
+        for (int i = 0; i < E; ++i) raw[i] = leave ? __float_as_uint(x[i]) : 0u;
+        if (valid) {
+            u16* d = nullptr;
+            if (exact && len < sinks) d = sinks_plane + (row * sinks + len) * HEAD_DIM + sub * E;
+            else if (exact && window > 0) d = window_plane + (row * window + len % window) * HEAD_DIM + sub * E;
+            if (d != nullptr) {
+                // plain stores (no __restrict__: the same slot may have been read above)
+#pragma unroll
+                for (int q = 0; q < E / 8; ++q)
+                    reinterpret_cast<uint4*>(d)[q] = make_uint4(xb[4 * q], xb[4 * q + 1], xb[4 * q + 2], xb[4 * q + 3]);
+            }
+            if (bad) atomicMin(status, row);
+            if (next_lens != nullptr && h == 0 && sub == 0) {
+                // every position below len + 1 - window is packed (or a sink)
+                next_lens[j] = len + 1;
+                next_frontiers[j] = len + 1 > window && len + 1 - window > fr ? len + 1 - window : fr;
+            }
+        }
+        return leave;
     }
-    if (h == 0 && i == 0) {
-        ((u32*)p.positions)[j] = leave ? a : NO_POS;
-        // The lengths and frontiers after this append, into the buffers the host swaps in: every
-        // position below len + 1 - window is packed (or a sink).
-        ((u32*)p.next_lens)[j] = len + 1;
-        ((u32*)p.next_frontiers)[j] = len + 1 > W && len + 1 - W > fr ? len + 1 - W : fr;
-    }
-    if (exact && len < S) {
-        const u64 d = (row * S + len) * HEAD_DIM + i;
-        ((u16*)p.k_sinks)[d] = kb;
-        ((u16*)p.v_sinks)[d] = vb;
-    } else if (exact && W > 0) {
-        const u64 d = (row * W + len % W) * HEAD_DIM + i;
-        ((u16*)p.k_window)[d] = kb;
-        ((u16*)p.v_window)[d] = vb;
-    }
-    if (__syncthreads_or(bad) && i == 0) atomicMin(status, row);
+};
+
+// The StageMap of one side of p (keys: k_*, mu and the lengths' outputs; values: v_*).
+__device__ __forceinline__ StageMap stage_map(const AppendParams& p, bool keys, const u32* ring_flags, u32 capacity,
+                                              u64* status) {
+    return StageMap{(const u8*)(keys ? p.k_new : p.v_new),
+                    (u16*)(keys ? p.k_sinks : p.v_sinks),
+                    (u16*)(keys ? p.k_window : p.v_window),
+                    keys ? (const float*)p.key_mean : nullptr,
+                    (const u32*)p.seq_lens,
+                    (const u32*)p.frontiers,
+                    ring_flags,
+                    keys ? (u32*)p.next_lens : nullptr,
+                    keys ? (u32*)p.next_frontiers : nullptr,
+                    status,
+                    p.num_kv_heads,
+                    capacity,
+                    p.sinks,
+                    p.window,
+                    p.exact_bf16 != 0};
+}
+#endif
+
+#if !defined(TQ_SIDE_ONLY) && IN_DTYPE == DT_F32
+// One decode step of a batch with exact segments or centered keys, keys and values in one launch
+// (both sides BITS bits; IN_DTYPE f32, the new tokens NEW_DTYPE): blocks [0, gridDim.x / 2) stage
+// and quantize the keys, the others the values (StageMap). pk.n_vectors = pv.n_vectors = num_seqs
+// * num_kv_heads.
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+tq_append_kv(const AppendParams p, u8* __restrict__ k_packed, float* __restrict__ k_norms, u8* __restrict__ v_packed,
+             float* __restrict__ v_norms, u64* __restrict__ status, const float* __restrict__ signs,
+             const uint2* __restrict__ k_buckets, const uint2* __restrict__ v_buckets,
+             const u32* __restrict__ ring_flags, const QuantizeParams pk, const QuantizeParams pv) {
+    const u32 half = gridDim.x / 2;
+    if (blockIdx.x < half)
+        quantize_vectors(nullptr, k_packed, k_norms, status, signs, k_buckets, pk,
+                         stage_map(p, true, ring_flags, pk.capacity, status), blockIdx.x, half);
+    else
+        quantize_vectors(nullptr, v_packed, v_norms, status, signs, v_buckets, pv,
+                         stage_map(p, false, ring_flags, pv.capacity, status), blockIdx.x - half, gridDim.x - half);
 }
 #endif

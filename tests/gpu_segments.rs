@@ -448,8 +448,8 @@ fn memory_bytes_counts_exact_segments_and_the_mean() {
     let plain = BatchCache::new(dev.clone(), l, 4).expect("plain");
     let tq4 = BatchCache::with_options(dev, l, Preset::Tq4.options(), 4).expect("tq4");
     // Exact planes: 4 seqs × 8 heads × (1 + 32) tokens × 128 × 2 bytes × K and V; μ: 4 × 8 × 128
-    // f32; staging: 2 × 4 × 8 × 128 f32; frontiers (two buffers) and positions: 3 × 4 u32.
+    // f32; frontiers (two buffers): 2 × 4 u32.
     let exact = 4 * 8 * 33 * 128 * 2 * 2;
-    let extra = exact + 4 * 8 * 128 * 4 + 2 * 4 * 8 * 128 * 4 + 3 * 4 * 4;
+    let extra = exact + 4 * 8 * 128 * 4 + 2 * 4 * 4;
     assert_eq!(tq4.memory_bytes() - plain.memory_bytes(), extra);
 }

@@ -74,16 +74,11 @@ pub(super) struct Extras {
     /// u32 `[num_seqs]` frontiers and their host mirror.
     pub(super) frontiers: CudaSlice<u32>,
     frontier: Vec<u32>,
-    /// u32 `[num_seqs]`: the frontiers after an append (tq_append_stage), swapped in like
+    /// u32 `[num_seqs]`: the frontiers after an append (tq_append_kv), swapped in like
     /// `seq_lens_next`.
     frontiers_next: CudaSlice<u32>,
     /// Whether each sequence's μ is set (given, or uploaded with a cache).
     mean_set: Vec<bool>,
-    /// Append staging: f32 `[num_seqs, num_kv_heads, head_dim]` per side and u32 `[num_seqs]`
-    /// positions (tq_append_stage -> tq_quantize_batch).
-    k_stage: DeviceBuffer,
-    v_stage: DeviceBuffer,
-    positions: CudaSlice<u32>,
 }
 
 impl Extras {
@@ -94,9 +89,7 @@ impl Extras {
             + self.k_window.num_bytes()
             + self.v_window.num_bytes()
             + mean
-            + self.k_stage.num_bytes()
-            + self.v_stage.num_bytes()
-            + 3 * 4 * self.frontier.len() // u32 frontiers (two buffers) and append positions
+            + 2 * 4 * self.frontier.len() // u32 frontiers (two buffers)
     }
 
     fn exact(&self, side: Side) -> (&DeviceBuffer, &DeviceBuffer) {
@@ -195,9 +188,6 @@ impl BatchCache {
                 frontier: lens.clone(),
                 frontiers_next: s.clone_htod(&padded(&lens)).map_err(up)?,
                 mean_set: vec![options.key_mean.is_some(); num_seqs],
-                k_stage: zeros(f32s, 1)?,
-                v_stage: zeros(f32s, 1)?,
-                positions: s.clone_htod(&padded(&lens)).map_err(up)?,
             })
         } else {
             None
@@ -693,24 +683,18 @@ impl BatchCache {
         let st = self.codec.stream().clone();
         let (k_new, _g1) = k.slice().device_ptr(&st);
         let (v_new, _g2) = v.slice().device_ptr(&st);
-        let (k_stage, _g3) = e.k_stage.slice().device_ptr(&st);
-        let (v_stage, _g4) = e.v_stage.slice().device_ptr(&st);
-        let (positions, _g5) = e.positions.device_ptr(&st);
-        let (seq_lens, _g6) = self.seq_lens.device_ptr(&st);
-        let (frontiers, _g7) = e.frontiers.device_ptr(&st);
-        let (k_sinks, _g8) = e.k_sinks.slice().device_ptr(&st);
-        let (v_sinks, _g9) = e.v_sinks.slice().device_ptr(&st);
-        let (k_window, _g10) = e.k_window.slice().device_ptr(&st);
-        let (v_window, _g11) = e.v_window.slice().device_ptr(&st);
+        let (seq_lens, _g3) = self.seq_lens.device_ptr(&st);
+        let (frontiers, _g4) = e.frontiers.device_ptr(&st);
+        let (k_sinks, _g5) = e.k_sinks.slice().device_ptr(&st);
+        let (v_sinks, _g6) = e.v_sinks.slice().device_ptr(&st);
+        let (k_window, _g7) = e.k_window.slice().device_ptr(&st);
+        let (v_window, _g8) = e.v_window.slice().device_ptr(&st);
         let mean = e.key_mean.as_ref().map(|m| m.slice().device_ptr(&st));
-        let (next_lens, _g12) = self.seq_lens_next.device_ptr_mut(&st);
-        let (next_frontiers, _g13) = e.frontiers_next.device_ptr_mut(&st);
+        let (next_lens, _g9) = self.seq_lens_next.device_ptr_mut(&st);
+        let (next_frontiers, _g10) = e.frontiers_next.device_ptr_mut(&st);
         let params = AppendParams {
             k_new,
             v_new,
-            k_stage,
-            v_stage,
-            positions,
             seq_lens,
             frontiers,
             key_mean: mean.as_ref().map_or(0, |m| m.0),
@@ -725,22 +709,17 @@ impl BatchCache {
             window: window as u32,
             exact_bf16,
         };
-        self.codec.append_stage(&params, dtype, n)?;
-        drop((
-            _g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, _g11, _g12, _g13, mean,
-        ));
-        quantize_both(
-            &self.codec,
-            (&e.k_stage, &e.v_stage),
+        self.codec.append_kv(
+            &params,
+            dtype,
             n,
-            &e.positions,
             &self.ring_flags,
-            None,
             (&mut self.k_packed, &mut self.k_norms),
             (&mut self.v_packed, &mut self.v_norms),
         )?;
-        // tq_append_stage wrote the new lengths and frontiers beside the old ones (the same rule
-        // as here): swap them in, no upload.
+        drop((_g1, _g2, _g3, _g4, _g5, _g6, _g7, _g8, _g9, _g10, mean));
+        // tq_append_kv wrote the new lengths and frontiers beside the old ones (the same rule as
+        // here): swap them in, no upload.
         std::mem::swap(&mut self.seq_lens, &mut self.seq_lens_next);
         std::mem::swap(&mut e.frontiers, &mut e.frontiers_next);
         for (len, frontier) in self.lens.iter_mut().zip(&mut e.frontier) {
@@ -759,7 +738,7 @@ impl BatchCache {
 
 /// The position a one-token append to a sequence of length `len` and quantized frontier
 /// `frontier` moves from the exact segments into the packed planes, if any (the rule of
-/// `tq_append_stage` and of [`KvCache::append`]): `a = max(frontier, sinks)` leaves when
+/// `tq_append_kv` and of [`KvCache::append`]): `a = max(frontier, sinks)` leaves when
 /// `len + 1 > a + window`.
 fn leaving_position(len: u32, frontier: u32, sinks: u64, window: u64) -> Option<u32> {
     let a = u64::from(frontier).max(sinks);

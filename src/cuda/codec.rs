@@ -428,36 +428,73 @@ impl CudaCodec {
         Ok(())
     }
 
-    /// Stages one batch append of a cache with exact segments or centered keys
-    /// (`tq_append_stage` in kernels/quantize.cu): writes the new tokens' exact copies, and the
-    /// vectors leaving the exact segments into `p.k_stage` / `p.v_stage` with their positions in
-    /// `p.positions`. `new_dtype` is the dtype of `p.k_new` and `p.v_new`. The batch cache has
-    /// validated every pointer's buffer; non-finite inputs go to [`CudaCodec::check_finite`].
-    pub(crate) fn append_stage(
+    /// One decode step of a batch with exact segments or centered keys, keys and values in one
+    /// launch (`tq_append_kv`, or for different bit widths `tq_append_kv_mixed`): each side writes
+    /// its new tokens' exact copies and quantizes the vectors leaving the exact segments into
+    /// its planes; the key side writes the lengths and frontiers after the append into
+    /// `p.next_lens` / `p.next_frontiers`. `new_dtype` is the dtype of `p.k_new` and `p.v_new`.
+    /// The batch cache has validated every pointer's buffer; non-finite inputs go to
+    /// [`CudaCodec::check_finite`].
+    pub(crate) fn append_kv(
         &self,
         p: &AppendParams,
         new_dtype: DType,
         num_seqs: usize,
+        ring_flags: &CudaSlice<u32>,
+        (k_packed, k_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
+        (v_packed, v_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
     ) -> Result<()> {
         let op = "cuda batch append (exact segments)";
         let l = self.codec.layout();
-        if num_seqs == 0 || l.num_kv_heads == 0 {
+        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
+        if n_vectors == 0 || l.head_dim == 0 {
             return Ok(());
         }
-        let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, new_dtype, 1);
-        let stage = self.module_function(op, &key, "tq_append_stage")?;
-        let cfg = LaunchConfig {
-            grid_dim: (l.num_kv_heads as u32, num_seqs as u32, 1),
-            block_dim: (l.head_dim as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        // The staged vectors are f32 (keys minus μ): the quantize side's input dtype.
+        let (family, bits, name) = if l.k_bits == l.v_bits {
+            let bits = vec![("BITS", l.k_bits as i64)];
+            (Family::QuantizeBatch, bits, "tq_append_kv")
+        } else {
+            let bits = vec![("K_BITS", l.k_bits as i64), ("V_BITS", l.v_bits as i64)];
+            (Family::QuantizeBatchMixed, bits, "tq_append_kv_mixed")
         };
+        let mut defines = vec![
+            ("HEAD_DIM", l.head_dim as i64),
+            ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+        ];
+        defines.extend(bits);
+        defines.extend([
+            ("IN_DTYPE", dtype_code(DType::F32)),
+            ("VPW", vpw),
+            ("NEW_DTYPE", dtype_code(new_dtype)),
+        ]);
+        let key = KernelKey { family, defines };
+        let f = self.module_function(op, &key, name)?;
+        let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
+        let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
+        let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
+        let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
+        cfg.grid_dim.0 *= 2;
         let mut status = self.status_word(op)?;
-        let mut launch = self.stream.launch_builder(&stage);
-        launch.arg(p).arg(&mut *status);
-        // SAFETY: the argument list matches tq_append_stage's signature; every pointer in `p`
-        // addresses a live buffer of the shape its field states (checked by the batch cache).
-        unsafe { launch.launch(cfg) }
-            .map_err(|e| driver_err(&format!("{op}: launch tq_append_stage"), e))?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(p)
+            .arg(k_packed.slice_mut())
+            .arg(k_norms.slice_mut())
+            .arg(v_packed.slice_mut())
+            .arg(v_norms.slice_mut())
+            .arg(&mut *status)
+            .arg(&self.signs)
+            .arg(&tk.buckets)
+            .arg(&tv.buckets)
+            .arg(ring_flags)
+            .arg(&pk)
+            .arg(&pv);
+        // SAFETY: the argument list matches tq_append_kv's (and _mixed's) signature; every
+        // pointer in `p` addresses a live buffer of the shape its field states, and the planes,
+        // ring flags and every slot written were checked by the batch cache.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
         Ok(())
     }
 

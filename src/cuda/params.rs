@@ -126,19 +126,14 @@ pub struct DecodeParams {
     pub direct_out: u32,
 }
 
-/// Parameters of `tq_append_stage` (`struct AppendParams` in kernels/quantize.cu). Pointers are
-/// device addresses.
+/// Parameters of `tq_append_kv` / `tq_append_kv_mixed` (`struct AppendParams` in
+/// kernels/quantize.cu). Pointers are device addresses.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct AppendParams {
-    /// `[num_seqs, num_kv_heads, head_dim]` new tokens, the kernel's input dtype.
+    /// `[num_seqs, num_kv_heads, head_dim]` new tokens, the kernel's `NEW_DTYPE`.
     pub k_new: u64,
     pub v_new: u64,
-    /// f32, same shape: the vectors the batch quantize writes next.
-    pub k_stage: u64,
-    pub v_stage: u64,
-    /// u32 `[num_seqs]` (written): logical position of the staged vector, or `u32::MAX`.
-    pub positions: u64,
     /// u32 `[num_seqs]`: lengths before the append.
     pub seq_lens: u64,
     /// u32 `[num_seqs]`: positions `[sinks, frontier)` are packed.
@@ -181,7 +176,7 @@ mod tests {
         // kernels/decode_attention.cu: 20 u64, 12 u32, 4 f32 (its tq_decode_params_bytes).
         assert_eq!(std::mem::size_of::<DecodeParams>(), 232);
         assert_eq!(std::mem::align_of::<DecodeParams>(), 8);
-        // kernels/quantize.cu: 12 u64, 4 u32.
-        assert_eq!(std::mem::size_of::<AppendParams>(), 128);
+        // kernels/quantize.cu: 11 u64, 4 u32.
+        assert_eq!(std::mem::size_of::<AppendParams>(), 104);
     }
 }
