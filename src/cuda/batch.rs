@@ -323,8 +323,8 @@ impl BatchCache {
     }
 
     /// Bytes of every buffer the batch holds on the device: the four planes, the lengths (two
-    /// buffers) and modes, and with non-plain options the exact sinks and window, μ, the
-    /// frontiers and the append staging buffers.
+    /// buffers) and modes, and with non-plain options the exact sinks and window, μ and the
+    /// frontiers (two buffers).
     pub fn memory_bytes(&self) -> usize {
         self.k_packed.num_bytes()
             + self.v_packed.num_bytes()
