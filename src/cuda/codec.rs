@@ -232,6 +232,33 @@ impl CudaCodec {
             .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))
     }
 
+    /// The module of the batch appends of both sides for `in_dtype` sources: the quantize
+    /// module (`BITS`) when the sides have equal bit widths, else the mixed one (`K_BITS`,
+    /// `V_BITS`; kernels/quantize_mixed.cu); with `new_dtype` (`NEW_DTYPE`) the preset appends'
+    /// new tokens (`in_dtype` f32).
+    fn batch_kv_key(&self, in_dtype: DType, vpw: i64, new_dtype: Option<DType>) -> KernelKey {
+        let l = self.codec.layout();
+        let mut key = if l.k_bits == l.v_bits {
+            self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw)
+        } else {
+            KernelKey {
+                family: Family::QuantizeBatchMixed,
+                defines: vec![
+                    ("HEAD_DIM", l.head_dim as i64),
+                    ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
+                    ("K_BITS", l.k_bits as i64),
+                    ("V_BITS", l.v_bits as i64),
+                    ("IN_DTYPE", dtype_code(in_dtype)),
+                    ("VPW", vpw),
+                ],
+            }
+        };
+        if let Some(d) = new_dtype {
+            key.defines.push(("NEW_DTYPE", dtype_code(d)));
+        }
+        key
+    }
+
     /// The registry key of a quantize-family module (its defines).
     fn quantize_key(&self, family: Family, side: Side, in_dtype: DType, vpw: i64) -> KernelKey {
         let l = self.codec.layout();
@@ -373,28 +400,13 @@ impl CudaCodec {
             return Ok(());
         }
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
-        let (key, f) = if l.k_bits == l.v_bits {
-            let key = self.quantize_key(Family::QuantizeBatch, Side::Keys, in_dtype, vpw);
-            let f = self.module_function(op, &key, "tq_quantize_batch_kv")?;
-            (key, f)
+        let key = self.batch_kv_key(in_dtype, vpw, None);
+        let name = if l.k_bits == l.v_bits {
+            "tq_quantize_batch_kv"
         } else {
-            let key = KernelKey {
-                family: Family::QuantizeBatchMixed,
-                defines: vec![
-                    ("HEAD_DIM", l.head_dim as i64),
-                    ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
-                    ("K_BITS", l.k_bits as i64),
-                    ("V_BITS", l.v_bits as i64),
-                    ("IN_DTYPE", dtype_code(in_dtype)),
-                    ("VPW", vpw),
-                ],
-            };
-            let f = self
-                .device
-                .registry()
-                .function(self.device.context(), &key)?;
-            (key, f)
+            "tq_quantize_batch_kv_mixed"
         };
+        let f = self.module_function(op, &key, name)?;
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
         let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
         let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
@@ -421,9 +433,9 @@ impl CudaCodec {
             None => launch.arg(&null),
         };
         launch.arg(&pk).arg(&pv);
-        // SAFETY: the argument list matches tq_quantize_batch_kv's (and _mixed's) signature (a null next_lens
-        // is skipped); the batch cache checked both sources' shapes, that every written slot lies
-        // inside the planes, and that next_lens holds num_seqs lengths.
+        // SAFETY: the argument list matches tq_quantize_batch_kv's (and _mixed's) signature (a null
+        // next_lens is skipped); the batch cache checked both sources' shapes, that every written
+        // slot lies inside the planes, and that next_lens holds num_seqs lengths.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_err(&format!("{op}: launch {key}"), e))?;
         Ok(())
     }
@@ -452,24 +464,12 @@ impl CudaCodec {
         }
         let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
         // The staged vectors are f32 (keys minus μ): the quantize side's input dtype.
-        let (family, bits, name) = if l.k_bits == l.v_bits {
-            let bits = vec![("BITS", l.k_bits as i64)];
-            (Family::QuantizeBatch, bits, "tq_append_kv")
+        let key = self.batch_kv_key(DType::F32, vpw, Some(new_dtype));
+        let name = if l.k_bits == l.v_bits {
+            "tq_append_kv"
         } else {
-            let bits = vec![("K_BITS", l.k_bits as i64), ("V_BITS", l.v_bits as i64)];
-            (Family::QuantizeBatchMixed, bits, "tq_append_kv_mixed")
+            "tq_append_kv_mixed"
         };
-        let mut defines = vec![
-            ("HEAD_DIM", l.head_dim as i64),
-            ("LANE_ELEMS", lane_elems(l.head_dim) as i64),
-        ];
-        defines.extend(bits);
-        defines.extend([
-            ("IN_DTYPE", dtype_code(DType::F32)),
-            ("VPW", vpw),
-            ("NEW_DTYPE", dtype_code(new_dtype)),
-        ]);
-        let key = KernelKey { family, defines };
         let f = self.module_function(op, &key, name)?;
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
         let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
