@@ -177,3 +177,65 @@ impl Registry {
         Ok((module, f))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(line number, extern "C" line)` of every entry point of `src` outside an
+    /// `#ifndef TQ_SIDE_ONLY` (or `#if !defined(TQ_SIDE_ONLY) ...`) region.
+    fn unguarded_entries(src: &str) -> Vec<(usize, String)> {
+        let mut stack: Vec<bool> = Vec::new(); // per open #if: whether it excludes TQ_SIDE_ONLY
+        let mut out = Vec::new();
+        for (i, line) in src.lines().enumerate() {
+            let t = line.trim_start();
+            if t.starts_with("#if") {
+                let guard = t.starts_with("#ifndef TQ_SIDE_ONLY")
+                    || t.starts_with("#if !defined(TQ_SIDE_ONLY)");
+                stack.push(guard);
+            } else if t.starts_with("#endif") {
+                stack.pop();
+            } else if t.starts_with("extern \"C\"") && !stack.iter().any(|&g| g) {
+                out.push((i + 1, line.to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantize_entry_points_are_left_out_of_the_mixed_sides() {
+        // The mixed module compiles quantize.cu twice: an unguarded entry point would be defined
+        // twice (the module fails to compile on the device only).
+        assert_eq!(unguarded_entries(QUANTIZE_SRC), Vec::new());
+        assert!(
+            QUANTIZE_SRC.contains("extern \"C\""),
+            "quantize.cu has entry points"
+        );
+        assert_eq!(
+            unguarded_entries("#ifdef X\nextern \"C\" void f();\n#endif\n"),
+            vec![(2, "extern \"C\" void f();".to_string())],
+            "the scan sees an entry point outside the guard"
+        );
+    }
+
+    #[test]
+    fn mixed_source_compiles_each_side_in_its_namespace() {
+        let src = Family::QuantizeBatchMixed.source();
+        let at = |pat: &str| {
+            src.find(pat)
+                .unwrap_or_else(|| panic!("mixed source lacks {pat:?}"))
+        };
+        assert!(at("#define TQ_SIDE_ONLY 1") < at("#define BITS K_BITS"));
+        assert!(at("#define BITS K_BITS") < at("namespace tq_k {"));
+        assert!(at("namespace tq_k {") < at("#define BITS V_BITS"));
+        assert!(at("#define BITS V_BITS") < at("namespace tq_v {"));
+        assert!(at("namespace tq_v {") < at("tq_quantize_batch_kv_mixed("));
+        assert_eq!(src.matches(QUANTIZE_SRC).count(), 2);
+        assert_eq!(src.matches(COMMON_SRC).count(), 2);
+        assert!(src.contains("tq_append_kv_mixed("));
+        assert_eq!(
+            Family::QuantizeBatchMixed.entry(),
+            "tq_quantize_batch_kv_mixed"
+        );
+    }
+}
