@@ -143,6 +143,16 @@ fn vectors_per_group(head_dim: usize, n_vectors: u64, sm_count: u32) -> i64 {
     }
 }
 
+/// A prepared launch of a both-sides batch append ([`CudaCodec::kv_launch`]): blocks
+/// `[0, grid / 2)` write the keys, the rest the values.
+struct KvLaunch {
+    key: KernelKey,
+    f: CudaFunction,
+    pk: QuantizeParams,
+    pv: QuantizeParams,
+    cfg: LaunchConfig,
+}
+
 /// Lane groups (vectors in flight) per warp: `32 / (head_dim / LANE_ELEMS)`.
 fn groups(head_dim: usize) -> u64 {
     (32 / (head_dim / lane_elems(head_dim))) as u64
@@ -230,6 +240,40 @@ impl CudaCodec {
         self.status
             .lock()
             .map_err(|_| TqError::Cuda(format!("{op}: status lock poisoned")))
+    }
+
+    /// The kernel, per-side parameters and launch shape of a batch append of both sides (one
+    /// token per sequence): `names[0]` of the quantize module for equal bit widths, `names[1]`
+    /// of the mixed one otherwise ([`CudaCodec::batch_kv_key`]); a grid-stride wave per side.
+    /// `None` when there is nothing to write.
+    fn kv_launch(
+        &self,
+        op: &str,
+        num_seqs: usize,
+        in_dtype: DType,
+        new_dtype: Option<DType>,
+        names: [&str; 2],
+    ) -> Result<Option<KvLaunch>> {
+        let l = self.codec.layout();
+        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
+        if n_vectors == 0 || l.head_dim == 0 {
+            return Ok(None);
+        }
+        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
+        let key = self.batch_kv_key(in_dtype, vpw, new_dtype);
+        let name = names[usize::from(l.k_bits != l.v_bits)];
+        let f = self.module_function(op, &key, name)?;
+        let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
+        let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
+        let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
+        cfg.grid_dim.0 *= 2;
+        Ok(Some(KvLaunch {
+            key,
+            f,
+            pk,
+            pv,
+            cfg,
+        }))
     }
 
     /// The module of the batch appends of both sides for `in_dtype` sources: the quantize
@@ -387,7 +431,6 @@ impl CudaCodec {
     ) -> Result<()> {
         let op = "cuda batch append (keys and values)";
         let in_dtype = float_dtype(op, "k", k_src)?;
-        let l = self.codec.layout();
         if v_src.dtype() != k_src.dtype() {
             invalid!(
                 "{op}: needs equal source dtypes, got {:?}/{:?}",
@@ -395,23 +438,18 @@ impl CudaCodec {
                 v_src.dtype()
             );
         }
-        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
-        if n_vectors == 0 || l.head_dim == 0 {
+        let names = ["tq_quantize_batch_kv", "tq_quantize_batch_kv_mixed"];
+        let Some(KvLaunch {
+            key,
+            f,
+            pk,
+            pv,
+            cfg,
+        }) = self.kv_launch(op, num_seqs, in_dtype, None, names)?
+        else {
             return Ok(());
-        }
-        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
-        let key = self.batch_kv_key(in_dtype, vpw, None);
-        let name = if l.k_bits == l.v_bits {
-            "tq_quantize_batch_kv"
-        } else {
-            "tq_quantize_batch_kv_mixed"
         };
-        let f = self.module_function(op, &key, name)?;
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
-        let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
-        let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
-        let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
-        cfg.grid_dim.0 *= 2;
         let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -457,25 +495,19 @@ impl CudaCodec {
         (v_packed, v_norms): (&mut DeviceBuffer, &mut DeviceBuffer),
     ) -> Result<()> {
         let op = "cuda batch append (exact segments)";
-        let l = self.codec.layout();
-        let n_vectors = num_seqs as u64 * l.num_kv_heads as u64;
-        if n_vectors == 0 || l.head_dim == 0 {
-            return Ok(());
-        }
-        let vpw = vectors_per_group(l.head_dim, n_vectors, self.device.sm_count());
         // The staged vectors are f32 (keys minus μ): the quantize side's input dtype.
-        let key = self.batch_kv_key(DType::F32, vpw, Some(new_dtype));
-        let name = if l.k_bits == l.v_bits {
-            "tq_append_kv"
-        } else {
-            "tq_append_kv_mixed"
+        let names = ["tq_append_kv", "tq_append_kv_mixed"];
+        let Some(KvLaunch {
+            key,
+            f,
+            pk,
+            pv,
+            cfg,
+        }) = self.kv_launch(op, num_seqs, DType::F32, Some(new_dtype), names)?
+        else {
+            return Ok(());
         };
-        let f = self.module_function(op, &key, name)?;
         let (tk, tv) = (self.tables(Side::Keys), self.tables(Side::Values));
-        let pk = self.quantize_params(Side::Keys, n_vectors, 0, 0);
-        let pv = self.quantize_params(Side::Values, n_vectors, 0, 0);
-        let mut cfg = self.launch_config(op, &f, n_vectors, l.head_dim, vpw)?;
-        cfg.grid_dim.0 *= 2;
         let mut status = self.status_word(op)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
