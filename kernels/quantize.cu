@@ -97,6 +97,13 @@ __device__ __forceinline__ Step make_step(u64 d, u32 num_kv_heads) {
     return Step{q, (u32)r, num_kv_heads - (u32)r};
 }
 
+// Lane `sub`'s input words of source row `row` ([rows, HEAD_DIM] of IN_DTYPE); true (the maps'
+// "quantize it").
+__device__ __forceinline__ bool load_row(const u8* __restrict__ src, u64 row, int sub, u32 (&raw)[QIN_WORDS]) {
+    load_bytes<QIN_BYTES>(src + (row * HEAD_DIM + sub * E) * IN_SIZE, raw);
+    return true;
+}
+
 // Where vector (j, h) of tq_quantize comes from and goes: source token skip + j, logical
 // position skip + j at slot first_slot + j (wrapping at capacity).
 struct RangeMap {
@@ -107,8 +114,7 @@ struct RangeMap {
     __device__ __forceinline__ bool writes(u64) const { return true; }
     // Loads lane `sub`'s words of vector (j, h) from src; true: quantize it.
     __device__ __forceinline__ bool load(const u8* __restrict__ src, u64 j, u64 h, int sub, u32 (&raw)[QIN_WORDS], bool) const {
-        load_bytes<QIN_BYTES>(src + (src_row(j, h) * HEAD_DIM + sub * E) * IN_SIZE, raw);
-        return true;
+        return load_row(src, src_row(j, h), sub, raw);
     }
     // Destination row of the packed plane ([num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
@@ -128,8 +134,7 @@ struct BatchMap {
     __device__ __forceinline__ u64 src_row(u64 j, u64 h) const { return j * num_kv_heads + h; }
     __device__ __forceinline__ bool writes(u64 j) const { return seq_lens[j] != NO_POS; }
     __device__ __forceinline__ bool load(const u8* __restrict__ src, u64 j, u64 h, int sub, u32 (&raw)[QIN_WORDS], bool) const {
-        load_bytes<QIN_BYTES>(src + (src_row(j, h) * HEAD_DIM + sub * E) * IN_SIZE, raw);
-        return true;
+        return load_row(src, src_row(j, h), sub, raw);
     }
     // Destination row of the batch plane ([num_seqs, num_kv_heads, capacity, ROW_BYTES]).
     __device__ __forceinline__ u64 dst_row(u64 j, u64 h) const {
