@@ -53,7 +53,8 @@
 // tables in 256-byte rows, offsets by one PRMT), TRANS (0/1: transposed tensor-core products),
 // MERGE_LAST (0/1: the splits are merged by the last block of each pair, one launch), VROWS
 // (0/1: the V stage in row order where it applies, see V_ROWS, V_ROWS64 and V_ROWS32).
-// Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4).
+// Ranges assumed: |g| = norm/sqrt(d) (or rms/sf) times pv_scale within f16 range (~6e-5..6e4;
+// with TRANS up to ~4e3: its softmax weights before normalization reach 2^LAZY_TAU = 16).
 
 #ifndef K_BITS
 #define K_BITS 4
@@ -172,6 +173,10 @@ __host__ __device__ constexpr float inv_sqrt_pow2(int d) {
 }
 constexpr float INV_SQRT_D = inv_sqrt_pow2(D);
 constexpr float LOG2E = 1.4426950408889634f;
+/// TRANS token loop: the running max (log2 units) is raised only past this margin, so a softmax
+/// weight before normalization is at most 2^LAZY_TAU = 16 (P' = p * g_v stays in f16 range for
+/// |g_v| up to ~4e3).
+constexpr float LAZY_TAU = 4.0f;
 
 __host__ __device__ constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
 __host__ __device__ constexpr int pow2_align(int n) { return (n & 15) == 0 ? 16 : (n & 7) == 0 ? 8 : (n & 3) == 0 ? 4 : (n & 1) == 0 ? 2 : 1; }
@@ -1825,20 +1830,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                 t[r][h] = pos >= s.begin && pos < s.end ? x : -__int_as_float(0x7f800000);
                 mt[h] = fmaxf(mt[h], t[r][h]);
             }
-        float corr[2], pr[2][2];
+        // The running max moves only when a score passes it by more than LAZY_TAU (log2 units):
+        // the common tile needs no reduction over its tokens (three shuffle rounds on the critical
+        // path), and p <= 2^LAZY_TAU. The max, sum and accumulators stay consistent either way.
+        bool grow = false;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 4));
-            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 8));
-            mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 16));
-            const float m_new = fmaxf(m_run[h], mt[h]);
-            corr[h] = ex2(m_run[h] - m_new);
-            m_run[h] = m_new;
-            pr[0][h] = ex2(t[0][h] - m_new);
-            pr[1][h] = ex2(t[1][h] - m_new);
-            l_run[h] = l_run[h] * corr[h] + (pr[0][h] + pr[1][h]);
-        }
-        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+        for (int h = 0; h < 2; ++h) grow |= mt[h] > m_run[h] + LAZY_TAU;
+        if (__any_sync(0xffffffffu, grow)) {
+            float corr[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 4));
+                mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 8));
+                mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], 16));
+                const float m_new = fmaxf(m_run[h], mt[h]);
+                corr[h] = ex2(m_run[h] - m_new);
+                m_run[h] = m_new;
+                l_run[h] *= corr[h];
+            }
 #pragma unroll
             for (int b = 0; b < NB; ++b)
 #pragma unroll
@@ -1848,6 +1857,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tq_decode_spli
                     o[b][j][2] *= corr[0];
                     o[b][j][3] *= corr[1];
                 }
+        }
+        float pr[2][2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            pr[0][h] = ex2(t[0][h] - m_run[h]);
+            pr[1][h] = ex2(t[1][h] - m_run[h]);
+            l_run[h] += pr[0][h] + pr[1][h];
         }
         // PV per norm block: P' (token g + 8r, heads 2c, 2c+1) transposed into the B fragments
         // (tokens 2c, 2c+1 | 2c+8, 2c+9; head g).
