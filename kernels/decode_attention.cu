@@ -2,7 +2,8 @@
 //
 // One query token per sequence (at logical position len-1) against packed keys/values:
 //   q~ = H D q (rotated once), s_j = scale * <q~, k^_j> in the rotated domain (optional logit
-//   softcap c*tanh(s/c), optional sliding window), online softmax, o~ = sum_j p_j v^_j,
+//   softcap c*tanh(s/c), optional sliding window), online softmax (TRANS: its running max
+//   raised only past LAZY_TAU), o~ = sum_j p_j v^_j,
 //   o = D H o~ (un-rotated once). k^_j, v^_j are dequantized on the fly: C[idx] * g.
 //
 // Kernels (NVRTC, no toolkit headers; compile-time constants by -D):

@@ -3,6 +3,7 @@
 
     python3 scripts/sass-count.py quantize "HEAD_DIM=128 LANE_ELEMS=16 BITS=4 IN_DTYPE=1 VPW=2"
     python3 scripts/sass-count.py decode_attention "K_BITS=4 V_BITS=4 GQA=4 WARPS=8 LUT256=1 TRANS=1"
+    python3 scripts/sass-count.py --dump loop.sass decode_attention "..."   # also the loop's SASS
 
 Compiles kernels/common.cu + kernels/<family>.cu with pip's NVRTC (the registry's options:
 compute_90a, no FMA contraction, IEEE division and square root, no flush-to-zero), assembles the
@@ -11,7 +12,9 @@ nvidia-cuda-nvcc, nvidia-cuda-nvdisasm). Prints the entry's registers and spills
 instructions of its grid-stride loop: the widest backward branch before the first unpredicated
 EXIT, without the blocks of the divergent-shuffle fallback (WARPSYNC.COLLECTIVE), which
 converged warps never run (decode_attention: tq_decode_split's token-tile loop, the smallest
-loop holding every HMMA). With -v, the opcode histogram too.
+loop holding every HMMA). With -v, the opcode histogram too; with --dump FILE, the loop's SASS
+into FILE. The static count includes branches the common tile skips (the ring path, the softcap,
+the rescale): ncu's source counters give the executed count (NOTES-decode v11: 322 of 645 at 4/2).
 """
 import collections
 import ctypes
@@ -62,6 +65,11 @@ def compile_cubin(root, family, defines, work):
 def main():
     verbose = "-v" in sys.argv
     args = [a for a in sys.argv[1:] if a != "-v"]
+    dump = None
+    if "--dump" in args:
+        k = args.index("--dump")
+        dump = args[k + 1]
+        del args[k:k + 2]
     family, defines = args[0], args[1].split()
     entry = ENTRY[family]
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -118,6 +126,9 @@ def main():
         resources.group(1).strip() if resources else "?", sum(ops.values())))
     if verbose:
         print(" ".join("%s %d" % kv for kv in ops.most_common()))
+    if dump:
+        with open(dump, "w") as f:
+            f.write("\n".join(l for b in blocks for l in b if lo <= addr(l) <= hi) + "\n")
 
 
 if __name__ == "__main__":
