@@ -452,8 +452,11 @@ struct StageMap {
     }
 };
 
-// The StageMap of one side of p (keys: k_*, mu and the lengths' outputs; values: v_*).
-__device__ __forceinline__ StageMap stage_map(const AppendParams& p, bool keys, const u32* ring_flags, u32 capacity,
+// The StageMap of one side of p (keys: k_*, mu and the lengths' outputs; values: v_*). A template
+// on the parameters' type: kernels/quantize_mixed.cu passes one side's AppendParams to the other
+// side's copy of this function (the two namespaces declare the same layout as two types).
+template <class Params>
+__device__ __forceinline__ StageMap stage_map(const Params& p, bool keys, const u32* ring_flags, u32 capacity,
                                               u64* status) {
     return StageMap{(const u8*)(keys ? p.k_new : p.v_new),
                     (u16*)(keys ? p.k_sinks : p.v_sinks),

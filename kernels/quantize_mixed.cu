@@ -34,7 +34,7 @@ tq_quantize_batch_kv_mixed(const u8* __restrict__ k_src, const u8* __restrict__ 
 #if IN_DTYPE == DT_F32
 // tq_append_kv (kernels/quantize.cu) for keys and values of different bit widths: one decode
 // step of a batch with exact segments or centered keys, each side staged and quantized by its
-// namespace's StageMap (both copies declare the same AppendParams layout).
+// namespace's StageMap (stage_map takes either namespace's AppendParams: the same layout).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_append_kv_mixed(const tq_k::AppendParams p, u8* __restrict__ k_packed, float* __restrict__ k_norms,
                    u8* __restrict__ v_packed, float* __restrict__ v_norms, u64* __restrict__ status,
@@ -46,10 +46,8 @@ tq_append_kv_mixed(const tq_k::AppendParams p, u8* __restrict__ k_packed, float*
         tq_k::quantize_vectors(nullptr, k_packed, k_norms, status, signs, k_buckets, pk,
                                tq_k::stage_map(p, true, ring_flags, pk.capacity, status), blockIdx.x, half);
     } else {
-        const tq_v::StageMap map{(const u8*)p.v_new, (tq_k::u16*)p.v_sinks, (tq_k::u16*)p.v_window, nullptr,
-                                 (const u32*)p.seq_lens, (const u32*)p.frontiers, ring_flags, nullptr, nullptr,
-                                 status, p.num_kv_heads, pv.capacity, p.sinks, p.window, p.exact_bf16 != 0};
-        tq_v::quantize_vectors(nullptr, v_packed, v_norms, status, signs, v_buckets, pv, map, blockIdx.x - half,
+        tq_v::quantize_vectors(nullptr, v_packed, v_norms, status, signs, v_buckets, pv,
+                               tq_v::stage_map(p, false, ring_flags, pv.capacity, status), blockIdx.x - half,
                                gridDim.x - half);
     }
 }
