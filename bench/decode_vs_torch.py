@@ -465,18 +465,22 @@ def time_cuda(fn, reps, flush):
     return statistics.median(timed_calls(fn, reps, flush))
 
 
+def copy_bandwidth(flush):
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written), median of 20, the current
+    FLUSH_MODE before each call."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = time_cuda(lambda: b.copy_(a), 20, flush)
+    return 2 * n / (t * 1e-6) / 1e9
+
+
 def bench(src, args, log):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     gen = torch.Generator(device="cuda")
     gen.manual_seed(99)
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
-    # copy bandwidth (bytes read + written)
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = time_cuda(lambda: b.copy_(a), 20, flush)
-    copy_bw = 2 * n / (t * 1e-6) / 1e9
-    del a, b
+    copy_bw = copy_bandwidth(flush)
     log(f"copy bandwidth: {copy_bw:.0f} GB/s (1 GiB device-to-device, read+write)")
     Hq, Hkv, d = 32, 8, 128
     G = Hq // Hkv
